@@ -1,0 +1,49 @@
+"""A test device for checking the MMIO path: an ID register and a scratch area.
+
+Layout: 0x000 ID (8 bytes, read-only, "PYVMMTST" little-endian); 0x100-0x1ff
+scratch (reads return what was written, at any width 1-8).  Every access is
+recorded in ``log`` so a test can assert on exactly what the guest did.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+ID_OFFSET = 0x000
+ID_VALUE = int.from_bytes(b"PYVMMTST", "little")
+SCRATCH_OFFSET = 0x100
+SCRATCH_SIZE = 0x100
+SIZE = 0x1000
+
+
+@dataclass(frozen=True)
+class Access:
+    offset: int
+    size: int
+    is_write: bool
+    value: int
+
+
+class MmioTestDevice:
+    def __init__(self):
+        self.scratch = bytearray(SCRATCH_SIZE)
+        self.log: list[Access] = []
+
+    def read(self, offset: int, size: int) -> bytes:
+        if ID_OFFSET <= offset < ID_OFFSET + 8:
+            data = ID_VALUE.to_bytes(8, "little")[offset - ID_OFFSET:][:size]
+        elif SCRATCH_OFFSET <= offset < SCRATCH_OFFSET + SCRATCH_SIZE:
+            start = offset - SCRATCH_OFFSET
+            data = bytes(self.scratch[start:start + size])
+        else:
+            data = b""
+        data = data.ljust(size, b"\0")
+        self.log.append(Access(offset, size, False, int.from_bytes(data, "little")))
+        return data
+
+    def write(self, offset: int, data: bytes) -> None:
+        self.log.append(Access(offset, len(data), True, int.from_bytes(data, "little")))
+        if SCRATCH_OFFSET <= offset < SCRATCH_OFFSET + SCRATCH_SIZE:
+            start = offset - SCRATCH_OFFSET
+            chunk = data[:SCRATCH_SIZE - start]
+            self.scratch[start:start + len(chunk)] = chunk

@@ -1,0 +1,55 @@
+"""Architecture back-ends.  Generic code talks to an ``Arch``; each arch lives in its own package."""
+
+from __future__ import annotations
+
+import platform
+from typing import TYPE_CHECKING, Protocol
+
+from ..kvm.errors import ConfigError
+
+if TYPE_CHECKING:
+    from ..kvm.system import Kvm
+    from ..kvm.vcpu import VcpuFd
+    from ..memory.regions import MemoryRules
+    from ..vm import Vm
+
+
+class Arch(Protocol):
+    name: str
+    ram_base: int
+    max_vcpus_cap: int
+
+    def vm_type(self, kvm: "Kvm", protected: bool, ipa_bits: int | None) -> int: ...
+
+    def memory_rules(self, vm: "Vm") -> "MemoryRules": ...
+
+    def prepare_vm(self, vm: "Vm") -> None: ...
+
+    def init_vcpus(self, vm: "Vm") -> None: ...
+
+    def boot(self, vm: "Vm", image: str | None, **options) -> None: ...
+
+    def registers(self, vcpu: "VcpuFd") -> dict[str, int]: ...
+
+    def pc(self, vcpu: "VcpuFd") -> int: ...
+
+
+def machine_name() -> str:
+    m = platform.machine()
+    return {"amd64": "x86_64", "aarch64": "arm64"}.get(m.lower(), m)
+
+
+def get_arch(name: str) -> Arch:
+    if name == "x86_64":
+        from .x86_64 import X86_64
+
+        return X86_64()
+    if name == "arm64":
+        from .arm64 import Arm64
+
+        return Arm64()
+    raise ConfigError(f"unsupported architecture {name!r} (pyvmm supports x86_64 and arm64)")
+
+
+def host_arch() -> Arch:
+    return get_arch(machine_name())

@@ -1,0 +1,131 @@
+"""x86_64: VM set-up, platform devices (COM1, debug-exit, reset, test device) and boot paths.
+
+Boot modes: ``real`` (flat binary, CS based at the load address), ``long``
+(ELF64 or flat binary entered in 64-bit mode with an identity map), ``linux``
+(bzImage, 64-bit boot protocol).  ``auto`` picks by the image's format.
+
+Entry registers for firmware: RDI = RAM size in bytes, RSI = vCPU index,
+RDX = number of vCPUs, RSP = a private stack below 0x80000.
+"""
+
+from __future__ import annotations
+
+from ...kvm import uapi
+from ...kvm.errors import ConfigError
+from ...kvm.vcpu import VcpuFd
+from ...loader import EM_X86_64, is_elf, load_elf, load_flat, read_image
+from ...memory.regions import MemoryRules
+from ...runloop import ExitKind, Outcome
+from . import cpu, layout, linux
+
+from devices.debug_exit import DebugExit
+from devices.reset_control import ResetControl
+from devices.testdev import SIZE as TESTDEV_SIZE
+from devices.testdev import MmioTestDevice
+from devices.uart16550 import Uart16550
+
+BOOT_MODES = ("auto", "real", "long", "linux")
+
+
+class X86_64:
+    name = "x86_64"
+    ram_base = 0
+    max_vcpus_cap = uapi.KVM_CAP_MAX_VCPUS
+    default_image = "hello"
+
+    def vm_type(self, kvm, protected: bool, ipa_bits: int | None) -> int:
+        if protected:
+            raise ConfigError("protected VMs (--protected) are arm64 pKVM VMs; this host is x86_64")
+        if ipa_bits is not None:
+            raise ConfigError("--ipa-bits is an arm64 option")
+        return uapi.KVM_X86_DEFAULT_VM
+
+    def memory_rules(self, vm) -> MemoryRules:
+        return MemoryRules(max_slots=vm.kvm.check_extension(uapi.KVM_CAP_NR_MEMSLOTS) or 32,
+                           max_gpa=1 << 46, readonly_allowed=bool(vm.kvm.check_extension(uapi.KVM_CAP_READONLY_MEM)),
+                           vm_kind=vm.kind)
+
+    def prepare_vm(self, vm) -> None:
+        vm.fd.set_tss_addr(layout.TSS_ADDR)
+        vm.fd.set_identity_map_addr(layout.IDENTITY_MAP_ADDR)
+        uart = Uart16550(vm.console.write)
+        vm.io_bus.insert(uart, layout.COM1_PORT, 8, "COM1 (16550)")
+
+        def guest_exit(status: int) -> None:
+            vm.request_stop(Outcome(ExitKind.GUEST_EXIT, status=status, detail=f"guest wrote {status:#x} to the exit port"))
+
+        def reset() -> None:
+            vm.request_stop(Outcome(ExitKind.RESET, detail="guest wrote the reset bit to port 0xcf9"))
+
+        vm.io_bus.insert(DebugExit(guest_exit), layout.DEBUG_EXIT_PORT, 4, "debug-exit")
+        vm.io_bus.insert(ResetControl(reset), layout.RESET_CONTROL_PORT, 1, "reset-control")
+        testdev = MmioTestDevice()
+        vm.mmio_bus.insert(testdev, layout.TEST_DEVICE_MMIO, TESTDEV_SIZE, "test-device")
+        vm.devices.update(uart=uart, testdev=testdev)
+
+    def init_vcpus(self, vm) -> None:
+        supported = vm.kvm.supported_cpuid()
+        for vcpu in vm.vcpus:
+            cpu.set_cpuid(vcpu, supported)
+
+    def _ram_size(self, vm) -> int:
+        """Contiguous RAM from 0."""
+        end = 0
+        for region in vm.memory.regions:
+            if region.gpa != end:
+                break
+            end = region.end
+        if end < layout.MIN_RAM:
+            raise ConfigError(f"x86_64 guests need at least {layout.MIN_RAM >> 20} MiB of RAM at address 0 "
+                              f"(have {end:#x} bytes)")
+        return end
+
+    def boot(self, vm, image: str | None, mode: str = "auto", cmdline: str = "console=ttyS0",
+             initrd: str | None = None, load_addr: int | None = None) -> None:
+        from ...firmware import firmware_path
+
+        if mode not in BOOT_MODES:
+            raise ConfigError(f"unknown boot mode {mode!r} (choose from {', '.join(BOOT_MODES)})")
+        if not vm.vcpus:
+            raise ConfigError("create the vCPUs before booting")
+        ram = self._ram_size(vm)
+        data = read_image(image or firmware_path(self.name, self.default_image))
+        if mode == "auto":
+            mode = "linux" if linux.is_bzimage(data) else "long" if is_elf(data) else "real"
+        if initrd is not None and mode != "linux":
+            raise ConfigError("--initrd is only for Linux kernels")
+        nvcpus = len(vm.vcpus)
+        if mode == "real":
+            if is_elf(data):
+                raise ConfigError("real mode takes a flat binary, not an ELF file")
+            addr = layout.REAL_MODE_DEFAULT_LOAD if load_addr is None else load_addr
+            if addr % 16 or addr + len(data) > 0xA0000:
+                raise ConfigError(f"real-mode load address {addr:#x} must be 16-byte aligned and the image must end below 0xa0000")
+            load_flat(vm.memory, data, addr, "real-mode image")
+            for vcpu in vm.vcpus:
+                cpu.enter_real_mode(vcpu, addr, addr, 0x7000 - vcpu.vcpu_id * 0x100,
+                                    dict(rdi=ram, rsi=vcpu.vcpu_id, rdx=nvcpus))
+            return
+        cpu.write_boot_tables(vm.memory)
+        if mode == "linux":
+            if nvcpus != 1:
+                raise ConfigError("Linux boot on x86_64 supports one vCPU (no in-kernel irqchip or MP tables yet)")
+            initrd_data = read_image(initrd) if initrd else None
+            boot = linux.load_bzimage(vm.memory, ram, data, cmdline, initrd_data)
+            cpu.enter_long_mode(vm.vcpus[0], boot.entry, layout.STACK_TOP, dict(rsi=boot.boot_params))
+            return
+        if is_elf(data):
+            img = load_elf(vm.memory, data)
+            if img.elf_machine != EM_X86_64 or img.elf_class != 2:
+                raise ConfigError(f"{image}: not an x86_64 ELF64 image (e_machine {img.elf_machine})")
+        else:
+            img = load_flat(vm.memory, data, layout.KERNEL_LOAD if load_addr is None else load_addr)
+        for vcpu in vm.vcpus:
+            cpu.enter_long_mode(vcpu, img.entry, layout.STACK_TOP - vcpu.vcpu_id * layout.STACK_SIZE,
+                                dict(rdi=ram, rsi=vcpu.vcpu_id, rdx=nvcpus))
+
+    def registers(self, vcpu: VcpuFd) -> dict[str, int]:
+        return cpu.registers(vcpu)
+
+    def pc(self, vcpu: VcpuFd) -> int:
+        return vcpu.get_regs().rip

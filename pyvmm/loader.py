@@ -1,0 +1,99 @@
+"""Guest image loading: flat binaries and ELF executables into guest memory."""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass
+
+from .kvm.errors import ConfigError
+from .memory.regions import GuestMemory
+
+ELF_MAGIC = b"\x7fELF"
+PT_LOAD = 1
+EM_386, EM_X86_64, EM_AARCH64 = 3, 62, 183
+
+
+@dataclass(frozen=True)
+class LoadedImage:
+    entry: int
+    low: int
+    high: int
+    elf_machine: int | None = None  # None for flat binaries
+    elf_class: int | None = None  # 1 = 32-bit, 2 = 64-bit
+
+
+def read_image(path: str) -> bytes:
+    if not os.path.exists(path):
+        raise ConfigError(f"guest image {path}: no such file")
+    if os.path.isdir(path):
+        raise ConfigError(f"guest image {path}: is a directory")
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except PermissionError:
+        raise ConfigError(f"guest image {path}: permission denied") from None
+    if not data:
+        raise ConfigError(f"guest image {path}: file is empty")
+    return data
+
+
+def is_elf(data: bytes) -> bool:
+    return data[:4] == ELF_MAGIC
+
+
+def _check_fits(memory: GuestMemory, what: str, gpa: int, size: int) -> None:
+    pos = gpa
+    while pos < gpa + size:
+        region = memory.find(pos)
+        if region is None:
+            raise ConfigError(f"{what} [{gpa:#x}, {gpa + size:#x}) does not fit in guest RAM "
+                              f"(nothing at {pos:#x}); give the guest more memory")
+        pos = region.end
+
+
+def load_flat(memory: GuestMemory, data: bytes, gpa: int, what: str = "image") -> LoadedImage:
+    _check_fits(memory, what, gpa, len(data))
+    memory.write(gpa, data)
+    return LoadedImage(entry=gpa, low=gpa, high=gpa + len(data))
+
+
+def load_elf(memory: GuestMemory, data: bytes, what: str = "ELF image") -> LoadedImage:
+    if len(data) < 52 or not is_elf(data):
+        raise ConfigError(f"{what}: not an ELF file")
+    elf_class, endian = data[4], data[5]
+    if endian != 1:
+        raise ConfigError(f"{what}: big-endian ELF is not supported")
+    if elf_class == 2:
+        (e_machine,) = struct.unpack_from("<H", data, 18)
+        e_entry, e_phoff = struct.unpack_from("<QQ", data, 24)
+        e_phentsize, e_phnum = struct.unpack_from("<HH", data, 54)
+        ph_fmt = "<IIQQQQQQ"  # type flags offset vaddr paddr filesz memsz align
+    elif elf_class == 1:
+        (e_machine,) = struct.unpack_from("<H", data, 18)
+        e_entry, e_phoff = struct.unpack_from("<II", data, 24)
+        e_phentsize, e_phnum = struct.unpack_from("<HH", data, 42)
+        ph_fmt = "<IIIIIIII"  # type offset vaddr paddr filesz memsz flags align
+    else:
+        raise ConfigError(f"{what}: unknown ELF class {elf_class}")
+    low, high = None, None
+    for i in range(e_phnum):
+        off = e_phoff + i * e_phentsize
+        if off + struct.calcsize(ph_fmt) > len(data):
+            raise ConfigError(f"{what}: truncated program header table")
+        fields = struct.unpack_from(ph_fmt, data, off)
+        if elf_class == 2:
+            p_type, _flags, p_offset, _vaddr, p_paddr, p_filesz, p_memsz, _align = fields
+        else:
+            p_type, p_offset, _vaddr, p_paddr, p_filesz, p_memsz, _flags, _align = fields
+        if p_type != PT_LOAD or p_memsz == 0:
+            continue
+        if p_offset + p_filesz > len(data):
+            raise ConfigError(f"{what}: segment {i} extends past the end of the file")
+        _check_fits(memory, f"{what} segment {i}", p_paddr, p_memsz)
+        memory.write(p_paddr, data[p_offset:p_offset + p_filesz] + bytes(p_memsz - p_filesz))
+        low = p_paddr if low is None else min(low, p_paddr)
+        high = p_paddr + p_memsz if high is None else max(high, p_paddr + p_memsz)
+    if low is None:
+        raise ConfigError(f"{what}: no loadable segments")
+    return LoadedImage(entry=e_entry, low=low, high=high, elf_machine=e_machine, elf_class=elf_class)

@@ -1,0 +1,367 @@
+"""Backing stores for guest memory: what a memslot's pages really are.
+
+Each backing is a small class that creates its fd and mapping, says which
+memslot flags it needs, and describes itself for reports.  ``BackingSpec`` is
+the parsed form of the CLI's ``--backing`` (``anon``, ``memfd``,
+``memfd-hugetlb``, ``guest-memfd``, ``udmabuf``, ``dma-heap:NAME``,
+``file:PATH``); ``BackingSpec.create(size, vm)`` makes the backing.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import fcntl
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+from .. import hostmem
+from ..kvm import uapi
+from ..kvm.errors import ConfigError, MissingFeature
+from ..kvm.ioctl import ioctl
+from ..kvm.uapi_dmabuf import (
+    DMA_HEAP_IOCTL_ALLOC,
+    UDMABUF_CREATE,
+    UDMABUF_FLAGS_CLOEXEC,
+    dma_heap_allocation_data,
+    udmabuf_create,
+)
+
+if TYPE_CHECKING:
+    from ..kvm.vm import VmFd
+
+UDMABUF_DEVICE = "/dev/udmabuf"
+DMA_HEAP_DIR = "/dev/dma_heap"
+
+
+class BackingKind(enum.Enum):
+    ANON = "anon"
+    MEMFD = "memfd"
+    MEMFD_HUGETLB = "memfd-hugetlb"
+    GUEST_MEMFD = "guest-memfd"
+    UDMABUF = "udmabuf"
+    DMA_HEAP = "dma-heap"
+    FILE = "file"
+
+
+class Backing:
+    """A host mapping (``hva``, ``size``) that a memslot points at; closes what it owns."""
+
+    kind: ClassVar[BackingKind]
+    alignment: ClassVar[int] = hostmem.PAGE_SIZE
+
+    def __init__(self, size: int, **params):
+        self.size = size
+        self.hva = 0
+        self._fds: list[int] = []
+        try:
+            self._create(**params)
+        except BaseException:
+            self.close()  # nothing half-made is left open
+            raise
+
+    def _create(self) -> None:
+        raise NotImplementedError
+
+    # What KVM_SET_USER_MEMORY_REGION2 needs beyond the HVA.
+    slot_flags = 0
+    guest_memfd: int | None = None
+    guest_memfd_offset = 0
+
+    def _own(self, fd: int) -> int:
+        self._fds.append(fd)
+        return fd
+
+    def _map(self, fd: int, **kw) -> None:
+        try:
+            self.hva = hostmem.mmap_fd(fd, self.size, **kw)
+        except OSError as err:
+            raise ConfigError(f"{self.describe()}: mmap of {self.size:#x} bytes failed: {err.strerror}") from None
+
+    def describe(self) -> str:
+        return self.kind.value
+
+    def details(self) -> dict:
+        """Facts for reports (fds, paths, sizes)."""
+        return {"kind": self.kind.value, "size": self.size}
+
+    def close(self) -> None:
+        if self.hva:
+            hostmem.munmap(self.hva, self.size)
+            self.hva = 0
+        while self._fds:
+            os.close(self._fds.pop())
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class AnonBacking(Backing):
+    """Private anonymous memory (MAP_PRIVATE|MAP_ANONYMOUS): the default."""
+
+    kind = BackingKind.ANON
+
+    def _create(self) -> None:
+        self._map(-1, shared=False)
+
+
+def _memfd(name: str, size: int, flags: int) -> int:
+    try:
+        fd = os.memfd_create(name, flags)
+    except OSError as err:
+        if flags & hostmem.MFD_HUGETLB and err.errno in (errno.EINVAL, errno.ENOENT):
+            raise MissingFeature(
+                "memfd_create(MFD_HUGETLB) failed: this kernel has no hugetlbfs (CONFIG_HUGETLBFS)"
+            ) from None
+        raise
+    try:
+        os.ftruncate(fd, size)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+class MemfdBacking(Backing):
+    """A memfd (shmem), or with ``hugetlb`` a memfd of 2 MiB huge pages; mapped MAP_SHARED."""
+
+    kind = BackingKind.MEMFD
+
+    def _create(self, hugetlb: bool = False, sealing: bool = False) -> None:
+        size = self.size
+        self.hugetlb = hugetlb
+        if hugetlb:
+            self.kind = BackingKind.MEMFD_HUGETLB
+            self.alignment = hostmem.HUGE_PAGE_SIZE
+            if size % hostmem.HUGE_PAGE_SIZE:
+                raise ConfigError(f"memfd-hugetlb: size {size:#x} is not a multiple of 2 MiB")
+        flags = hostmem.MFD_CLOEXEC
+        flags |= hostmem.MFD_HUGETLB | hostmem.MFD_HUGE_2MB if hugetlb else 0
+        flags |= hostmem.MFD_ALLOW_SEALING if sealing else 0
+        self.memfd = self._own(_memfd(f"pyvmm-{self.kind.value}", size, flags))
+        try:
+            self._map(self.memfd)
+        except ConfigError:
+            if hugetlb:
+                free = _huge_pages_free()
+                raise MissingFeature(
+                    f"memfd-hugetlb: cannot map {size // hostmem.HUGE_PAGE_SIZE} huge page(s) of 2 MiB: "
+                    f"HugePages_Free={free} in /proc/meminfo (reserve them: echo N > /proc/sys/vm/nr_hugepages)"
+                ) from None
+            raise
+
+    def details(self) -> dict:
+        return {**super().details(), "memfd": self.memfd}
+
+
+def _huge_pages_free() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("HugePages_Free:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+class GuestMemfdBacking(Backing):
+    """KVM guest_memfd (``KVM_CREATE_GUEST_MEMFD``), registered with ``KVM_SET_USER_MEMORY_REGION2``.
+
+    Where the kernel lets guest_memfd be mmap-ed (``GUEST_MEMFD_FLAG_MMAP`` with
+    ``INIT_SHARED``), the slot's userspace address is the guest_memfd mapping
+    itself, so the VMM sees exactly the guest's pages.  Otherwise the slot keeps
+    an anonymous mapping for shared accesses beside the guest_memfd.
+    """
+
+    kind = BackingKind.GUEST_MEMFD
+    slot_flags = uapi.KVM_MEM_GUEST_MEMFD
+
+    def _create(self, vm: "VmFd") -> None:
+        size = self.size
+        if not vm.kvm.check_extension(uapi.KVM_CAP_GUEST_MEMFD):
+            raise MissingFeature("guest-memfd: this KVM lacks KVM_CAP_GUEST_MEMFD (Linux >= 6.8, CONFIG_KVM_GUEST_MEMFD)")
+        if not vm.check_extension(uapi.KVM_CAP_USER_MEMORY2):
+            raise MissingFeature("guest-memfd: this KVM lacks KVM_CAP_USER_MEMORY2")
+        supported = vm.check_extension(uapi.KVM_CAP_GUEST_MEMFD_FLAGS)
+        wanted = uapi.GUEST_MEMFD_FLAG_MMAP | uapi.GUEST_MEMFD_FLAG_INIT_SHARED
+        self.gmem_flags = wanted if supported & wanted == wanted else 0
+        self.guest_memfd = self._own(vm.create_guest_memfd(size, self.gmem_flags))
+        self.mmapped = bool(self.gmem_flags)
+        self._map(self.guest_memfd if self.mmapped else -1, shared=self.mmapped)
+
+    def details(self) -> dict:
+        return {**super().details(), "guest_memfd": self.guest_memfd, "gmem_flags": self.gmem_flags,
+                "hva_is_guest_memfd": self.mmapped}
+
+
+def _dmabuf_missing(what: str, node: str, option: str) -> MissingFeature:
+    return MissingFeature(f"{what}: {node} does not exist (kernel option {option})")
+
+
+class UdmabufBacking(Backing):
+    """A DMA-buf made from a sealed memfd with ``UDMABUF_CREATE``; the slot maps the DMA-buf itself.
+
+    The DMA-buf mmap inserts PFNs (the VMA is VM_PFNMAP|VM_IO), which is what
+    makes it interesting: a protected VM cannot pin such pages.
+    """
+
+    kind = BackingKind.UDMABUF
+
+    def _create(self, device: str = UDMABUF_DEVICE) -> None:
+        size = self.size
+        if not os.path.exists(device):
+            raise _dmabuf_missing("udmabuf", device, "CONFIG_UDMABUF=y")
+        self.memfd = self._own(_memfd("pyvmm-udmabuf", size, hostmem.MFD_CLOEXEC | hostmem.MFD_ALLOW_SEALING))
+        fcntl.fcntl(self.memfd, hostmem.F_ADD_SEALS, hostmem.F_SEAL_SHRINK)
+        dev = os.open(device, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            arg = udmabuf_create(memfd=self.memfd, flags=UDMABUF_FLAGS_CLOEXEC, offset=0, size=size)
+            self.dmabuf = self._own(ioctl(dev, "UDMABUF_CREATE", UDMABUF_CREATE, arg))
+        finally:
+            os.close(dev)
+        self._map(self.dmabuf)
+
+    def details(self) -> dict:
+        return {**super().details(), "memfd": self.memfd, "dmabuf": self.dmabuf}
+
+
+class DmaHeapBacking(Backing):
+    """A buffer from ``/dev/dma_heap/<heap>`` (``DMA_HEAP_IOCTL_ALLOC``), its DMA-buf mapped as guest RAM."""
+
+    kind = BackingKind.DMA_HEAP
+
+    def _create(self, heap: str) -> None:
+        size = self.size
+        self.heap = heap
+        node = os.path.join(DMA_HEAP_DIR, heap)
+        if not os.path.isdir(DMA_HEAP_DIR):
+            raise _dmabuf_missing(f"dma-heap:{heap}", DMA_HEAP_DIR, "CONFIG_DMABUF_HEAPS=y with a heap, "
+                                  "e.g. CONFIG_DMABUF_HEAPS_SYSTEM or CONFIG_DMABUF_HEAPS_CMA")
+        if not os.path.exists(node):
+            have = ", ".join(sorted(os.listdir(DMA_HEAP_DIR))) or "none"
+            raise MissingFeature(f"dma-heap:{heap}: {node} does not exist (heaps here: {have})")
+        dev = os.open(node, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            arg = dma_heap_allocation_data(len=size, fd_flags=os.O_RDWR | os.O_CLOEXEC, heap_flags=0)
+            ioctl(dev, "DMA_HEAP_IOCTL_ALLOC", DMA_HEAP_IOCTL_ALLOC, arg)
+            self.dmabuf = self._own(arg.fd)
+        finally:
+            os.close(dev)
+        self._map(self.dmabuf)
+
+    def describe(self) -> str:
+        return f"dma-heap:{self.heap}"
+
+    def details(self) -> dict:
+        return {**super().details(), "heap": self.heap, "dmabuf": self.dmabuf}
+
+
+class FileBacking(Backing):
+    """A regular file mapped MAP_SHARED (created or extended to the region's size)."""
+
+    kind = BackingKind.FILE
+
+    def _create(self, path: str) -> None:
+        size = self.size
+        self.path = os.path.abspath(path)
+        parent = os.path.dirname(self.path)
+        if not os.path.isdir(parent):
+            raise ConfigError(f"file:{path}: directory {parent} does not exist")
+        if os.path.isdir(self.path):
+            raise ConfigError(f"file:{path}: is a directory")
+        try:
+            fd = self._own(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        except PermissionError:
+            raise ConfigError(f"file:{path}: permission denied") from None
+        if os.fstat(fd).st_size < size:
+            os.ftruncate(fd, size)
+        self.fd = fd
+        self._map(fd)
+
+    def describe(self) -> str:
+        return f"file:{self.path}"
+
+    def details(self) -> dict:
+        return {**super().details(), "path": self.path}
+
+
+@dataclass(frozen=True)
+class BackingSpec:
+    """A backing the user asked for, before it is created: ``kind`` and its argument."""
+
+    kind: BackingKind
+    arg: str = ""
+
+    @classmethod
+    def parse(cls, text: str) -> "BackingSpec":
+        name, sep, arg = text.partition(":")
+        try:
+            kind = BackingKind(name)
+        except ValueError:
+            choices = ", ".join(k.value + (":NAME" if k is BackingKind.DMA_HEAP else ":PATH" if k is BackingKind.FILE else "")
+                                for k in BackingKind)
+            raise ConfigError(f"unknown backing {text!r} (choose from {choices})") from None
+        needs_arg = kind in (BackingKind.DMA_HEAP, BackingKind.FILE)
+        if needs_arg and not arg:
+            raise ConfigError(f"backing {name} needs an argument: {name}:{'NAME' if kind is BackingKind.DMA_HEAP else 'PATH'}")
+        if not needs_arg and sep:
+            raise ConfigError(f"backing {name} takes no argument (got {text!r})")
+        return cls(kind, arg)
+
+    def __str__(self) -> str:
+        return f"{self.kind.value}:{self.arg}" if self.arg else self.kind.value
+
+    @property
+    def alignment(self) -> int:
+        return hostmem.HUGE_PAGE_SIZE if self.kind is BackingKind.MEMFD_HUGETLB else hostmem.PAGE_SIZE
+
+    def create(self, size: int, vm: "VmFd") -> Backing:
+        k = self.kind
+        if k is BackingKind.ANON:
+            return AnonBacking(size)
+        if k is BackingKind.MEMFD:
+            return MemfdBacking(size)
+        if k is BackingKind.MEMFD_HUGETLB:
+            return MemfdBacking(size, hugetlb=True)
+        if k is BackingKind.GUEST_MEMFD:
+            return GuestMemfdBacking(size, vm=vm)
+        if k is BackingKind.UDMABUF:
+            return UdmabufBacking(size)
+        if k is BackingKind.DMA_HEAP:
+            return DmaHeapBacking(size, heap=self.arg)
+        return FileBacking(size, path=self.arg)
+
+
+def backing_availability(vm: "VmFd | None" = None) -> dict[str, str]:
+    """For ``pyvmm caps``: each backing kind -> "usable" or why not, without allocating guest RAM."""
+    out: dict[str, str] = {"anon": "usable", "memfd": "usable", "file:PATH": "usable"}
+    free = _huge_pages_free()
+    out["memfd-hugetlb"] = (
+        f"usable ({free} free 2 MiB huge pages)" if free else
+        "no free huge pages (HugePages_Free=0 in /proc/meminfo; echo N > /proc/sys/vm/nr_hugepages)"
+    )
+    if vm is None:
+        out["guest-memfd"] = "unknown (no VM)"
+    elif not vm.kvm.check_extension(uapi.KVM_CAP_GUEST_MEMFD):
+        out["guest-memfd"] = "no KVM_CAP_GUEST_MEMFD"
+    else:
+        flags = vm.check_extension(uapi.KVM_CAP_GUEST_MEMFD_FLAGS)
+        out["guest-memfd"] = "usable" + (" (mmap-able)" if flags & uapi.GUEST_MEMFD_FLAG_MMAP else " (not mmap-able)")
+    out["udmabuf"] = "usable" if os.path.exists(UDMABUF_DEVICE) else f"{UDMABUF_DEVICE} missing (CONFIG_UDMABUF)"
+    if os.path.isdir(DMA_HEAP_DIR):
+        heaps = sorted(os.listdir(DMA_HEAP_DIR))
+        out["dma-heap:NAME"] = f"usable: {', '.join(heaps)}" if heaps else f"{DMA_HEAP_DIR} has no heaps"
+    else:
+        out["dma-heap:NAME"] = f"{DMA_HEAP_DIR} missing (CONFIG_DMABUF_HEAPS)"
+    return out
+
+
+__all__ = [
+    "Backing", "BackingKind", "BackingSpec", "AnonBacking", "MemfdBacking", "GuestMemfdBacking",
+    "UdmabufBacking", "DmaHeapBacking", "FileBacking", "backing_availability",
+]

@@ -1,0 +1,241 @@
+"""Guest physical memory: a set of regions, each one memslot with one backing.
+
+``GuestMemory`` validates a region before any ioctl (alignment, size, overlap,
+slot limits, flags the VM type forbids), registers it with the VM, and is the
+one way the VMM reads or writes guest memory: through process_vm_readv/writev,
+so that a page the host may not touch (a protected VM's) is an error, not a
+SIGSEGV that kills the VMM.
+"""
+
+from __future__ import annotations
+
+import bisect
+import ctypes
+import errno
+from dataclasses import dataclass, field
+from typing import Callable
+
+from .. import hostmem
+from ..kvm import uapi
+from ..kvm.errors import ConfigError, GuestMemoryError
+from ..kvm.vm import VmFd
+from .backing import Backing, BackingSpec
+
+FLAG_NAMES = {
+    uapi.KVM_MEM_LOG_DIRTY_PAGES: "LOG_DIRTY_PAGES",
+    uapi.KVM_MEM_READONLY: "READONLY",
+    uapi.KVM_MEM_GUEST_MEMFD: "GUEST_MEMFD",
+}
+
+
+def flag_names(flags: int) -> list[str]:
+    return [name for bit, name in FLAG_NAMES.items() if flags & bit]
+
+
+@dataclass
+class MemoryRegion:
+    """One memslot: guest physical range [gpa, gpa+size) backed by ``backing``."""
+
+    gpa: int
+    size: int
+    slot: int
+    flags: int
+    backing: Backing
+    registered: bool = field(default=False, compare=False)
+
+    @property
+    def end(self) -> int:
+        return self.gpa + self.size
+
+    @property
+    def hva(self) -> int:
+        return self.backing.hva
+
+    def contains(self, gpa: int, length: int = 1) -> bool:
+        return self.gpa <= gpa and gpa + length <= self.end
+
+    def describe(self) -> dict:
+        return {
+            "slot": self.slot,
+            "gpa": self.gpa,
+            "size": self.size,
+            "flags": flag_names(self.flags | self.backing.slot_flags),
+            "backing": self.backing.describe(),
+            "hva": self.hva,
+            "backing_details": self.backing.details(),
+        }
+
+
+@dataclass
+class MemoryRules:
+    """What the VM type allows (filled in by the VM from KVM's answers and its type)."""
+
+    max_slots: int = 32764
+    max_gpa: int = 1 << 52
+    readonly_allowed: bool = True
+    log_dirty_allowed: bool = True
+    frozen_after_run: bool = False  # pKVM: no delete/move once a vCPU has run
+    vm_kind: str = "normal"
+
+
+class GuestMemory:
+    """The VM's memory map.  Owns every backing; ``close()`` unmaps and closes them all."""
+
+    def __init__(self, vm: VmFd, rules: MemoryRules | None = None):
+        self.vm = vm
+        self.rules = rules or MemoryRules()
+        self.regions: list[MemoryRegion] = []  # sorted by gpa
+        self.has_run = False
+        # Called before the VMM touches guest memory; may refuse (protected VMs).
+        self.access_guard: Callable[[int, int, bool], None] | None = None
+
+    # --- building the map ------------------------------------------------
+    def validate(self, gpa: int, size: int, flags: int = 0, alignment: int = hostmem.PAGE_SIZE,
+                 slot: int | None = None) -> int:
+        """Check a prospective region; returns the slot it would get.  Raises ConfigError."""
+        where = f"region at {gpa:#x} of size {size:#x}"
+        if size <= 0:
+            raise ConfigError(f"{where}: size must be positive")
+        if gpa < 0:
+            raise ConfigError(f"{where}: negative guest address")
+        if gpa % alignment or size % alignment:
+            raise ConfigError(f"{where}: guest address and size must be multiples of {alignment:#x}")
+        if gpa + size > self.rules.max_gpa:
+            raise ConfigError(f"{where}: ends beyond the guest physical address limit {self.rules.max_gpa:#x}")
+        for r in self.regions:
+            if gpa < r.end and r.gpa < gpa + size:
+                raise ConfigError(
+                    f"{where}: overlaps slot {r.slot} [{r.gpa:#x}, {r.end:#x}) ({r.backing.describe()})"
+                )
+        if flags & ~(uapi.KVM_MEM_LOG_DIRTY_PAGES | uapi.KVM_MEM_READONLY):
+            raise ConfigError(f"{where}: unknown memslot flags {flags:#x}")
+        if flags & uapi.KVM_MEM_READONLY and not self.rules.readonly_allowed:
+            raise ConfigError(f"{where}: READONLY memslots are not allowed on a {self.rules.vm_kind} VM")
+        if flags & uapi.KVM_MEM_LOG_DIRTY_PAGES and not self.rules.log_dirty_allowed:
+            raise ConfigError(f"{where}: LOG_DIRTY_PAGES memslots are not allowed on a {self.rules.vm_kind} VM")
+        used = {r.slot for r in self.regions}
+        if slot is None:
+            slot = next(i for i in range(len(used) + 1) if i not in used)
+        elif slot in used:
+            raise ConfigError(f"{where}: slot {slot} is already in use")
+        if slot >= self.rules.max_slots:
+            raise ConfigError(f"{where}: slot {slot} exceeds this KVM's limit of {self.rules.max_slots} memslots")
+        return slot
+
+    def add(self, gpa: int, size: int, backing: BackingSpec | Backing, flags: int = 0,
+            slot: int | None = None) -> MemoryRegion:
+        """Create the backing (if given as a spec), validate, and register a memslot."""
+        alignment = backing.alignment
+        slot = self.validate(gpa, size, flags, alignment, slot)
+        made = isinstance(backing, BackingSpec)
+        store = backing.create(size, self.vm) if made else backing
+        if store.size != size:
+            raise ConfigError(f"backing {store.describe()} has size {store.size:#x}, region wants {size:#x}")
+        region = MemoryRegion(gpa, size, slot, flags, store)
+        try:
+            self._set_region(region, size)
+        except BaseException:
+            if made:
+                store.close()
+            raise
+        region.registered = True
+        bisect.insort(self.regions, region, key=lambda r: r.gpa)
+        return region
+
+    def _set_region(self, region: MemoryRegion, size: int) -> None:
+        b = region.backing
+        flags = region.flags | b.slot_flags
+        if b.guest_memfd is not None:
+            self.vm.set_user_memory_region2(region.slot, flags, region.gpa, size, b.hva,
+                                            guest_memfd=b.guest_memfd, guest_memfd_offset=b.guest_memfd_offset)
+        else:
+            self.vm.set_user_memory_region(region.slot, flags, region.gpa, size, b.hva)
+
+    def remove(self, region: MemoryRegion) -> None:
+        """Delete the memslot (size 0) and close its backing."""
+        if self.rules.frozen_after_run and self.has_run:
+            raise ConfigError(
+                f"slot {region.slot}: a {self.rules.vm_kind} VM's memslots cannot be deleted or moved after "
+                "its first KVM_RUN (the kernel answers EPERM)"
+            )
+        if region.registered and not self.vm.closed:
+            self._set_region(region, 0)
+            region.registered = False
+        self.regions.remove(region)
+        region.backing.close()
+
+    def close(self) -> None:
+        """Close every backing.  Call after the VM fd is closed (KVM drops its slots with the VM)."""
+        for region in self.regions:
+            region.backing.close()
+        self.regions.clear()
+
+    # --- lookup ----------------------------------------------------------
+    def find(self, gpa: int) -> MemoryRegion | None:
+        i = bisect.bisect_right(self.regions, gpa, key=lambda r: r.gpa) - 1
+        if i >= 0 and self.regions[i].contains(gpa):
+            return self.regions[i]
+        return None
+
+    def find_hva(self, hva: int) -> MemoryRegion | None:
+        for r in self.regions:
+            if r.hva <= hva < r.hva + r.size:
+                return r
+        return None
+
+    @property
+    def total(self) -> int:
+        return sum(r.size for r in self.regions)
+
+    # --- the safe accessor -------------------------------------------------
+    def _chunks(self, gpa: int, length: int):
+        """Split [gpa, gpa+length) into (region, offset, length) pieces; raises for holes."""
+        while length > 0:
+            region = self.find(gpa)
+            if region is None:
+                raise GuestMemoryError(f"guest address {gpa:#x} is not in any memslot")
+            take = min(length, region.end - gpa)
+            yield region, gpa - region.gpa, take
+            gpa += take
+            length -= take
+
+    def _io(self, write: bool, gpa: int, buf: ctypes.Array) -> None:
+        if self.access_guard is not None:
+            self.access_guard(gpa, ctypes.sizeof(buf), write)
+        done = 0
+        for region, offset, take in self._chunks(gpa, ctypes.sizeof(buf)):
+            piece = (ctypes.c_char * take).from_buffer(buf, done)
+            try:
+                got = hostmem.process_vm_io(write, region.hva + offset, piece)
+            except OSError as err:
+                got, why = 0, err
+            else:
+                why = None
+            if got != take:
+                bad = region.gpa + offset + got
+                reason = why.strerror if why else "short copy"
+                if why is None or why.errno == errno.EFAULT:
+                    reason = "page not accessible to the host (EFAULT)"
+                raise GuestMemoryError(
+                    f"cannot {'write' if write else 'read'} guest memory at {bad:#x} "
+                    f"(slot {region.slot}, {region.backing.describe()}): {reason}"
+                )
+            done += take
+
+    def read(self, gpa: int, length: int) -> bytes:
+        buf = (ctypes.c_char * length)()
+        if length:
+            self._io(False, gpa, buf)
+        return bytes(buf)
+
+    def write(self, gpa: int, data: bytes) -> None:
+        if not data:
+            return
+        buf = (ctypes.c_char * len(data)).from_buffer_copy(data)
+        self._io(True, gpa, buf)
+
+    def read_u64(self, gpa: int) -> int:
+        return int.from_bytes(self.read(gpa, 8), "little")
+
+    def write_u64(self, gpa: int, value: int) -> None:
+        self.write(gpa, value.to_bytes(8, "little"))
