@@ -36,6 +36,9 @@ class BusRange:
         return self.base + self.size
 
 
+MAX_LOGGED_ADDRESSES = 16
+
+
 class Bus:
     def __init__(self, name: str):
         self.name = name
@@ -57,6 +60,13 @@ class Bus:
         bisect.insort(self._ranges, entry, key=lambda r: r.base)
         return entry
 
+    def remove(self, name: str) -> BusDevice:
+        for r in self._ranges:
+            if r.name == name:
+                self._ranges.remove(r)
+                return r.device
+        raise ConfigError(f"{self.name} bus: no device named {name!r}")
+
     def find(self, addr: int) -> BusRange | None:
         i = bisect.bisect_right(self._ranges, addr, key=lambda r: r.base) - 1
         if i >= 0 and addr < self._ranges[i].end:
@@ -70,8 +80,13 @@ class Bus:
     def _unclaimed(self, addr: int, size: int, is_write: bool) -> None:
         self.unclaimed_count += 1
         key = (addr, is_write)
-        if key not in self._unclaimed_seen:
-            self._unclaimed_seen.add(key)
+        if key in self._unclaimed_seen or len(self._unclaimed_seen) > MAX_LOGGED_ADDRESSES:
+            return
+        self._unclaimed_seen.add(key)
+        if len(self._unclaimed_seen) > MAX_LOGGED_ADDRESSES:
+            log.warning("%s bus: more than %d unclaimed addresses; not logging further ones",
+                        self.name, MAX_LOGGED_ADDRESSES)
+        else:
             log.warning("%s bus: unclaimed %s of %d bytes at %#x%s", self.name,
                         "write" if is_write else "read", size, addr, "" if is_write else " (reads as 0)")
 

@@ -55,6 +55,7 @@ class FaultReport:
     registers: dict[str, int] = field(default_factory=dict)
     memory_fault: dict | None = None
     exit_details: dict = field(default_factory=dict)
+    fault_gpa: int | None = None
     faulting_slot: int | None = None
     slots: list[SlotInfo] = field(default_factory=list)
     memlock: dict = field(default_factory=dict)
@@ -82,6 +83,9 @@ class FaultReport:
             out.append(f"exit reason: {self.exit_reason}")
         for key, value in self.exit_details.items():
             out.append(f"  {key}: {value:#x}" if isinstance(value, int) else f"  {key}: {value}")
+        if self.fault_gpa is not None:
+            out.append(f"faulting guest address: {self.fault_gpa:#x}"
+                       + (f" (slot {self.faulting_slot})" if self.faulting_slot is not None else " (no memslot)"))
         if self.memory_fault:
             mf = self.memory_fault
             out.append(f"memory fault: gpa {mf['gpa']:#x} size {mf['size']:#x} flags {mf['flags']:#x}"
@@ -139,7 +143,8 @@ def likely_causes(report: FaultReport) -> list[str]:
     slot = next((s for s in report.slots if s.slot == report.faulting_slot), None)
     candidates = [slot] if slot else report.slots
     pfn_slots = [s for s in candidates if s.vmflags & {"pf", "io"}]
-    if err == errno_mod.EFAULT:
+    in_slot_mmio = report.exit_reason == "KVM_EXIT_MMIO" and slot is not None
+    if err == errno_mod.EFAULT or in_slot_mmio:
         if protected and pfn_slots:
             for s in pfn_slots:
                 causes.append(
@@ -155,16 +160,19 @@ def likely_causes(report: FaultReport) -> list[str]:
                 causes.append(f"slot {s.slot}: its host mapping is not writable ({s.vmas[0]['perms']}), so a guest "
                               "write there cannot be faulted in")
             path = s.backing_details.get("path")
-            if path and report.memory_fault:
+            if path and report.fault_gpa is not None:
                 try:
                     size = os.stat(path).st_size
                 except OSError:
                     size = None
-                offset = report.memory_fault["gpa"] - s.gpa
+                offset = report.fault_gpa - s.gpa
                 if size is not None and offset >= size:
                     causes.append(f"slot {s.slot}: backing file {path} is {size:#x} bytes long, the guest touched "
-                                  f"offset {offset:#x} beyond its end (the host fault is SIGBUS, KVM answers EFAULT)")
-        if not causes:
+                                  f"offset {offset:#x} beyond its end: the host page fault there is SIGBUS, so KVM cannot map the page")
+        if not causes and in_slot_mmio:
+            causes.append(f"KVM could not access the host page behind guest address {report.fault_gpa:#x} in slot "
+                          f"{slot.slot} ({slot.backing}) and treated the access as MMIO")
+        elif not causes:
             causes.append("KVM could not fault in the host page behind the guest address (hva_to_pfn failed): "
                           "the host mapping is missing, lacks permission, or cannot be pinned")
     elif err == errno_mod.EIO and protected:
@@ -201,7 +209,7 @@ def likely_causes(report: FaultReport) -> list[str]:
 
 
 def build_report(vm: "Vm", vcpu: "VcpuFd | None", what: str, *, call: str | None = None,
-                 err: int | None = None, exit_reason: int | None = None) -> FaultReport:
+                 err: int | None = None, exit_reason: int | None = None, fault_gpa: int | None = None) -> FaultReport:
     """Collect everything about the failure now, while the VM still exists."""
     run = vcpu.kvm_run if vcpu is not None and not vcpu.closed else None
     report = FaultReport(
@@ -212,6 +220,10 @@ def build_report(vm: "Vm", vcpu: "VcpuFd | None", what: str, *, call: str | None
         errno_name=errno_mod.errorcode.get(err) if err else None,
         errno_meaning=os.strerror(err) if err else None,
     )
+    if fault_gpa is not None:
+        region = vm.memory.find(fault_gpa)
+        report.fault_gpa = fault_gpa
+        report.faulting_slot = region.slot if region else None
     if run is not None:
         # memory_fault is valid only when KVM_RUN failed with EFAULT/EHWPOISON and said so in exit_reason.
         if run.exit_reason == uapi.KVM_EXIT_MEMORY_FAULT and err in (errno_mod.EFAULT, errno_mod.EHWPOISON):
@@ -220,6 +232,7 @@ def build_report(vm: "Vm", vcpu: "VcpuFd | None", what: str, *, call: str | None
             report.memory_fault = {"gpa": mf.gpa, "size": mf.size, "flags": mf.flags,
                                    "private": bool(mf.flags & uapi.KVM_MEMORY_EXIT_FLAG_PRIVATE)}
             region = vm.memory.find(mf.gpa)
+            report.fault_gpa = mf.gpa
             report.faulting_slot = region.slot if region else None
         report.exit_details = exit_details(run, exit_reason)
         try:

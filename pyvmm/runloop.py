@@ -120,8 +120,11 @@ class RunLoop:
             self._threads.append(t)
         for t in self._threads:
             t.start()
-        if not self._done.wait(timeout):
-            self.finish(Outcome(ExitKind.TIMEOUT, detail=f"the guest did not finish within {timeout} s"))
+        try:
+            if not self._done.wait(timeout):
+                self.finish(Outcome(ExitKind.TIMEOUT, detail=f"the guest did not finish within {timeout} s"))
+        except KeyboardInterrupt:
+            self.finish(Outcome(ExitKind.STOPPED, detail="interrupted (SIGINT)"))
         for t in self._threads:
             while t.is_alive():
                 t.join(0.05)
@@ -164,6 +167,8 @@ class RunLoop:
             if reason == uapi.KVM_EXIT_IO:
                 self._io(vcpu, run)
             elif reason == uapi.KVM_EXIT_MMIO:
+                if self._mmio_in_memslot(vcpu, run):
+                    return
                 self._mmio(run)
             elif reason == uapi.KVM_EXIT_INTR:
                 continue
@@ -202,6 +207,21 @@ class RunLoop:
             else:
                 data[chunk] = bus.read(io.port, io.size)
         data.release()
+
+    def _mmio_in_memslot(self, vcpu: "VcpuFd", run: uapi.kvm_run) -> bool:
+        """An MMIO exit for an address inside a memslot means KVM could not reach the host page
+        (hosts that emulate guest accesses fall back to MMIO when copy_{from,to}_user fails).
+        That is a fault to explain, not a device access."""
+        addr = run.mmio.phys_addr
+        region = self.vm.memory.find(addr)
+        if region is None:
+            return False
+        what = (f"vCPU {vcpu.vcpu_id}: guest {'write' if run.mmio.is_write else 'read'} at {addr:#x} inside memslot "
+                f"{region.slot} ({region.backing.describe()}) came back as an MMIO exit: KVM could not access "
+                "the host memory behind it")
+        self.finish(Outcome(ExitKind.FAULT, vcpu.vcpu_id, detail=what,
+                            report=build_report(self.vm, vcpu, what, exit_reason=uapi.KVM_EXIT_MMIO, fault_gpa=addr)))
+        return True
 
     def _mmio(self, run: uapi.kvm_run) -> None:
         mmio = run.mmio

@@ -1,0 +1,150 @@
+"""What this host's KVM can do, straight from KVM_CHECK_EXTENSION (for ``pyvmm caps``)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+
+from .arch import machine_name
+from .kvm import Kvm, uapi
+from .kvm.errors import KvmError
+from .memory.backing import backing_availability
+
+# (name, capability, asked on the VM fd rather than the system fd)
+CAPABILITIES = [
+    ("KVM_CAP_USER_MEMORY", uapi.KVM_CAP_USER_MEMORY, False),
+    ("KVM_CAP_USER_MEMORY2", uapi.KVM_CAP_USER_MEMORY2, True),
+    ("KVM_CAP_NR_MEMSLOTS", uapi.KVM_CAP_NR_MEMSLOTS, False),
+    ("KVM_CAP_NR_VCPUS", uapi.KVM_CAP_NR_VCPUS, False),
+    ("KVM_CAP_MAX_VCPUS", uapi.KVM_CAP_MAX_VCPUS, False),
+    ("KVM_CAP_IMMEDIATE_EXIT", uapi.KVM_CAP_IMMEDIATE_EXIT, False),
+    ("KVM_CAP_READONLY_MEM", uapi.KVM_CAP_READONLY_MEM, True),
+    ("KVM_CAP_SYNC_MMU", uapi.KVM_CAP_SYNC_MMU, True),
+    ("KVM_CAP_GUEST_MEMFD", uapi.KVM_CAP_GUEST_MEMFD, False),
+    ("KVM_CAP_GUEST_MEMFD_FLAGS", uapi.KVM_CAP_GUEST_MEMFD_FLAGS, True),
+    ("KVM_CAP_MEMORY_ATTRIBUTES", uapi.KVM_CAP_MEMORY_ATTRIBUTES, True),
+    ("KVM_CAP_MEMORY_FAULT_INFO", uapi.KVM_CAP_MEMORY_FAULT_INFO, False),
+    ("KVM_CAP_PRE_FAULT_MEMORY", uapi.KVM_CAP_PRE_FAULT_MEMORY, True),
+    ("KVM_CAP_VM_TYPES", uapi.KVM_CAP_VM_TYPES, False),
+    ("KVM_CAP_EXIT_HYPERCALL", uapi.KVM_CAP_EXIT_HYPERCALL, True),
+    ("KVM_CAP_SYSTEM_EVENT_DATA", uapi.KVM_CAP_SYSTEM_EVENT_DATA, False),
+    ("KVM_CAP_IRQCHIP", uapi.KVM_CAP_IRQCHIP, False),
+    ("KVM_CAP_IOEVENTFD", uapi.KVM_CAP_IOEVENTFD, False),
+    ("KVM_CAP_IRQFD", uapi.KVM_CAP_IRQFD, False),
+    ("KVM_CAP_ONE_REG", uapi.KVM_CAP_ONE_REG, False),
+    ("KVM_CAP_SET_GUEST_DEBUG", uapi.KVM_CAP_SET_GUEST_DEBUG, False),
+    ("KVM_CAP_ARM_VM_IPA_SIZE", uapi.KVM_CAP_ARM_VM_IPA_SIZE, False),
+    ("KVM_CAP_ARM_PSCI_0_2", uapi.KVM_CAP_ARM_PSCI_0_2, False),
+    ("KVM_CAP_ARM_EL2", uapi.KVM_CAP_ARM_EL2, False),
+    ("KVM_CAP_ARM_PROTECTED_VM", uapi.KVM_CAP_ARM_PROTECTED_VM, True),
+]
+
+X86_VM_TYPES = {0: "KVM_X86_DEFAULT_VM", 1: "KVM_X86_SW_PROTECTED_VM", 2: "KVM_X86_SEV_VM",
+                3: "KVM_X86_SEV_ES_VM", 4: "KVM_X86_SNP_VM", 5: "KVM_X86_TDX_VM"}
+
+
+@dataclass
+class ProtectedVmSupport:
+    available: bool
+    abi: str | None  # "upstream" (KVM_VM_TYPE_ARM_PROTECTED) or "android" (KVM_CAP_ARM_PROTECTED_VM)
+    reason: str
+
+
+@dataclass
+class HostCaps:
+    arch: str
+    kvm_path: str
+    api_version: int
+    vcpu_mmap_size: int
+    capabilities: dict[str, int] = field(default_factory=dict)
+    vm_types: list[str] = field(default_factory=list)
+    ipa_bits: int | None = None
+    kvm_arm_mode: str | None = None
+    protected_vm: ProtectedVmSupport | None = None
+    backings: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _kernel_cmdline() -> str:
+    try:
+        with open("/proc/cmdline") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def kvm_arm_mode() -> str | None:
+    """kvm-arm.mode from the kernel command line (pKVM needs "protected")."""
+    for word in _kernel_cmdline().split():
+        if word.startswith("kvm-arm.mode="):
+            return word.split("=", 1)[1]
+    return None
+
+
+def protected_vm_support(kvm: Kvm, arch: str) -> ProtectedVmSupport:
+    if arch != "arm64":
+        return ProtectedVmSupport(False, None, f"protected VMs are an arm64 pKVM feature; this host is {arch}")
+    try:
+        vm = kvm.create_vm(uapi.KVM_VM_TYPE_ARM_PROTECTED)
+    except KvmError as err:
+        mode = kvm_arm_mode()
+        why = ("pKVM is not enabled: boot the host with kvm-arm.mode=protected" if mode != "protected" else
+               f"KVM_CREATE_VM(KVM_VM_TYPE_ARM_PROTECTED) failed: {err.errno_name}")
+        return ProtectedVmSupport(False, None, why)
+    with vm:
+        if vm.check_extension(uapi.KVM_CAP_ARM_PROTECTED_VM):
+            return ProtectedVmSupport(True, "android", "KVM_CAP_ARM_PROTECTED_VM present (Android pKVM ABI, pvmfw)")
+    return ProtectedVmSupport(True, "upstream", "KVM_CREATE_VM accepts KVM_VM_TYPE_ARM_PROTECTED (upstream ABI)")
+
+
+def probe(kvm: Kvm) -> HostCaps:
+    arch = machine_name()
+    caps = HostCaps(arch, kvm.path, kvm.api_version(), kvm.vcpu_mmap_size())
+    with kvm.create_vm(0) as vm:
+        for name, cap, on_vm in CAPABILITIES:
+            if name.startswith("KVM_CAP_ARM_") and arch != "arm64":
+                continue
+            try:
+                caps.capabilities[name] = (vm if on_vm else kvm).check_extension(cap)
+            except KvmError:
+                caps.capabilities[name] = 0
+        caps.backings = backing_availability(vm)
+    types = caps.capabilities.get("KVM_CAP_VM_TYPES", 0)
+    if arch == "x86_64":
+        caps.vm_types = [n for bit, n in X86_VM_TYPES.items() if types & (1 << bit)] or ["KVM_X86_DEFAULT_VM"]
+    elif arch == "arm64":
+        caps.ipa_bits = caps.capabilities.get("KVM_CAP_ARM_VM_IPA_SIZE") or 40
+        caps.kvm_arm_mode = kvm_arm_mode()
+    caps.protected_vm = protected_vm_support(kvm, arch)
+    if arch == "arm64":
+        caps.vm_types = ["default"] + (["KVM_VM_TYPE_ARM_PROTECTED"] if caps.protected_vm.available else [])
+    return caps
+
+
+def format_caps(caps: HostCaps) -> str:
+    out = [f"KVM at {caps.kvm_path}: API version {caps.api_version}, {caps.arch}, "
+           f"kvm_run is {caps.vcpu_mmap_size} bytes"]
+    out.append("capabilities (KVM_CHECK_EXTENSION):")
+    for name, value in caps.capabilities.items():
+        shown = "no" if value == 0 else "yes" if value == 1 else f"{value} ({value:#x})"
+        out.append(f"  {name:<28} {shown}")
+    gm = caps.capabilities.get("KVM_CAP_GUEST_MEMFD_FLAGS", 0)
+    if caps.capabilities.get("KVM_CAP_GUEST_MEMFD"):
+        flags = [n for bit, n in ((uapi.GUEST_MEMFD_FLAG_MMAP, "MMAP"), (uapi.GUEST_MEMFD_FLAG_INIT_SHARED, "INIT_SHARED"))
+                 if gm & bit]
+        out.append(f"guest_memfd flags: {', '.join(flags) or 'none'}")
+    out.append(f"VM types: {', '.join(caps.vm_types)}")
+    if caps.ipa_bits is not None:
+        out.append(f"IPA size: up to {caps.ipa_bits} bits; kvm-arm.mode={caps.kvm_arm_mode or '(default)'}")
+    pv = caps.protected_vm
+    out.append(f"protected VMs: {'yes, ' + pv.abi + ' ABI' if pv.available else 'no'} ({pv.reason})")
+    out.append("memory backings:")
+    for name, state in caps.backings.items():
+        out.append(f"  {name:<16} {state}")
+    return "\n".join(out)
+
+
+def kvm_available() -> bool:
+    return os.path.exists("/dev/kvm")

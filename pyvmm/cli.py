@@ -1,0 +1,183 @@
+"""The ``pyvmm`` command: ``run`` a guest, or show this host's KVM ``caps``.
+
+Exit status of ``run``: 0 when the guest halted, powered off, reset or exited
+with status 0; the guest's status (1-255) for a non-zero debug-exit; 1 with a
+fault report when KVM_RUN failed or the guest crashed or triple-faulted; 124 on
+timeout; 2 for bad input or a host that cannot run the VM (one line, no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import sys
+
+from .caps import format_caps, probe
+from .kvm import Kvm
+from .kvm.errors import ConfigError, PyvmmError
+from .memory.backing import BackingSpec
+from .runloop import ExitKind, Outcome
+from .vm import Vm, stdout_echo
+
+EXIT_BAD_INPUT = 2
+EXIT_FAULT = 1
+EXIT_TIMEOUT = 124
+
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """``4096``, ``0x1000``, ``64M``, ``2GiB``, ``512K``... -> bytes."""
+    m = re.fullmatch(r"\s*(0x[0-9a-fA-F]+|\d+)\s*([KMGT]?)(?:i?B)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise ConfigError(f"bad size {text!r} (use e.g. 64M, 2G, 4096 or 0x100000)")
+    value = int(m.group(1), 0) * _UNITS[m.group(2).upper()]
+    if value <= 0:
+        raise ConfigError(f"bad size {text!r}: must be positive")
+    return value
+
+
+def parse_region(text: str) -> tuple[int, int, BackingSpec]:
+    """``GPA,SIZE[,BACKING]`` -> (gpa, size, backing)."""
+    parts = text.split(",", 2)
+    if len(parts) < 2:
+        raise ConfigError(f"bad region {text!r} (use GPA,SIZE[,BACKING], e.g. 0x10000000,2M,memfd)")
+    try:
+        gpa = int(parts[0], 0)
+    except ValueError:
+        raise ConfigError(f"bad region {text!r}: guest address {parts[0]!r} is not a number") from None
+    backing = BackingSpec.parse(parts[2]) if len(parts) > 2 else BackingSpec.parse("anon")
+    return gpa, parse_size(parts[1]), backing
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value
+
+
+def _timeout(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError("the timeout must be positive")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, status 2
+        self.exit(EXIT_BAD_INPUT, f"pyvmm: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="pyvmm", description=__doc__.split("\n\n")[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log unclaimed accesses and run details")
+    parser.add_argument("--kvm-device", default="/dev/kvm", metavar="PATH", help="the KVM device node (default /dev/kvm)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    run = sub.add_parser("run", help="boot a guest (default: the bundled hello)",
+                         description="Boot a guest image.  Without IMAGE, boots the bundled hello for this host.",
+                         epilog="exit status: 0 clean end, N guest's exit status, 1 fault (report printed), "
+                                "124 timeout, 2 bad input")
+    run.add_argument("image", nargs="?", help="firmware (ELF or flat binary) or Linux kernel image")
+    run.add_argument("-m", "--memory", default="16M", help="guest RAM size (default 16M)")
+    run.add_argument("-b", "--backing", default="anon",
+                     help="what backs guest RAM: anon, memfd, memfd-hugetlb, guest-memfd, udmabuf, "
+                          "dma-heap:NAME, file:PATH (default anon)")
+    run.add_argument("--region", action="append", default=[], metavar="GPA,SIZE[,BACKING]",
+                     help="an extra memslot (repeatable), e.g. 0x40000000,2M,udmabuf")
+    run.add_argument("-c", "--vcpus", type=_positive_int, default=1, help="number of vCPUs (default 1)")
+    run.add_argument("-t", "--timeout", type=_timeout, default=None, help="stop the guest after this many seconds")
+    run.add_argument("--report-json", metavar="FILE", help="write the outcome and any fault report as JSON")
+    run.add_argument("--boot", default="auto", help="x86_64: auto, real, long or linux (default auto)")
+    run.add_argument("--cmdline", default=None, help="kernel command line (Linux images)")
+    run.add_argument("--initrd", default=None, help="initial ramdisk (Linux images)")
+    run.add_argument("--protected", action="store_true", help="arm64: create a pKVM protected VM")
+    run.add_argument("-q", "--quiet", action="store_true", help="do not echo the guest console")
+
+    caps = sub.add_parser("caps", help="show what this host's KVM can do",
+                          description="API version, capabilities, VM types, protected VM support and usable backings.")
+    caps.add_argument("--json", action="store_true", help="machine-readable output")
+    return parser
+
+
+def _exit_status(outcome: Outcome) -> int:
+    if outcome.kind in (ExitKind.HALT, ExitKind.POWER_OFF, ExitKind.RESET, ExitKind.DEBUG):
+        return 0
+    if outcome.kind is ExitKind.STOPPED:  # Ctrl-C
+        return 130
+    if outcome.kind is ExitKind.GUEST_EXIT:
+        return min(outcome.status or 0, 255)
+    if outcome.kind is ExitKind.TIMEOUT:
+        return EXIT_TIMEOUT
+    return EXIT_FAULT
+
+
+def _outcome_dict(outcome: Outcome) -> dict:
+    return {"kind": outcome.kind.value, "vcpu": outcome.vcpu, "status": outcome.status,
+            "detail": outcome.detail, "exits": outcome.exits}
+
+
+def cmd_run(args) -> int:
+    memory = parse_size(args.memory)
+    backing = BackingSpec.parse(args.backing)
+    regions = [parse_region(r) for r in args.region]
+    boot_opts = {"mode": args.boot}
+    for key in ("cmdline", "initrd"):
+        if getattr(args, key) is not None:
+            boot_opts[key] = getattr(args, key)
+    with Kvm(args.kvm_device) as kvm, Vm(protected=args.protected, kvm=kvm) as vm:
+        if not args.quiet:
+            vm.console.echo = stdout_echo
+        vm.add_memory(memory, backing)
+        for gpa, size, spec in regions:
+            vm.add_memory(size, spec, gpa=gpa)
+        vm.create_vcpus(args.vcpus)
+        vm.boot(args.image, **boot_opts)
+        outcome = vm.run(timeout=args.timeout)
+    sys.stdout.flush()
+    print(f"pyvmm: {outcome.kind.value}: {outcome.detail}", file=sys.stderr)
+    if outcome.report is not None:
+        print(outcome.report.text(), file=sys.stderr)
+    if args.report_json:
+        with open(args.report_json, "w") as f:
+            json.dump({"outcome": _outcome_dict(outcome),
+                       "report": outcome.report.to_dict() if outcome.report else None}, f, indent=2)
+            f.write("\n")
+    return _exit_status(outcome)
+
+
+def cmd_caps(args) -> int:
+    with Kvm(args.kvm_device) as kvm:
+        caps = probe(kvm)
+    print(json.dumps(caps.to_dict(), indent=2) if args.json else format_caps(caps))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.ERROR,
+                        format="pyvmm: %(name)s: %(message)s")
+    if args.command is None:  # plain `pyvmm`: boot the bundled hello
+        args = parser.parse_args([*(sys.argv[1:] if argv is None else argv), "run"])
+    try:
+        return cmd_caps(args) if args.command == "caps" else cmd_run(args)
+    except PyvmmError as err:
+        print(f"pyvmm: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:  # during set-up; a running guest is stopped by the run loop instead
+        print("pyvmm: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

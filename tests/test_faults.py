@@ -1,0 +1,93 @@
+"""Fault reports from real failures on this host, and the kernel rules behind "likely cause"."""
+
+from __future__ import annotations
+
+import errno
+import json
+import mmap
+import os
+
+from pyvmm import hostmem
+from pyvmm.report import FaultReport, SlotInfo, likely_causes
+from pyvmm.runloop import ExitKind
+from pyvmm.vm import Vm
+
+
+def _two_slot_vm(x86_firmware, backing):
+    vm = Vm()
+    vm.add_memory(2 << 20, "anon")
+    region = vm.add_memory(2 << 20, backing)
+    vm.create_vcpus(1)
+    return vm, region
+
+
+def test_truncated_file_slot_is_reported(x86_firmware, tmp_path):
+    """The file behind slot 1 is truncated under the guest: the report names slot 1, the file and the cause."""
+    path = tmp_path / "ram.img"
+    vm, region = _two_slot_vm(x86_firmware, f"file:{path}")
+    with vm:
+        os.truncate(path, 0)
+        vm.boot(os.path.join(x86_firmware, "memtouch"))
+        outcome = vm.run(timeout=30)
+    assert outcome.kind is ExitKind.FAULT
+    report = outcome.report
+    assert report.faulting_slot == 1 and report.fault_gpa == 2 << 20
+    slot = next(s for s in report.slots if s.slot == 1)
+    assert slot.backing == f"file:{path}"
+    assert slot.vmas and slot.vmas[0]["path"] == str(path) and "sh" in slot.vmas[0]["vmflags"]
+    assert any(f"{path} is 0x0 bytes long" in c for c in report.likely_cause)
+    assert "<-- faulting slot" in report.text()
+
+
+def test_read_only_host_mapping_is_reported(x86_firmware):
+    vm, region = _two_slot_vm(x86_firmware, "memfd")
+    with vm:
+        hostmem.mprotect(region.hva, region.size, mmap.PROT_READ)
+        vm.boot(os.path.join(x86_firmware, "memtouch"))
+        outcome = vm.run(timeout=30)
+    assert outcome.kind is ExitKind.FAULT
+    assert outcome.report.faulting_slot == 1
+    assert any("not writable" in c for c in outcome.report.likely_cause)
+
+
+def test_report_json_from_cli(x86_firmware, tmp_path):
+    from tests.conftest import run_cli
+
+    out = tmp_path / "report.json"
+    res = run_cli("run", os.path.join(x86_firmware, "shutdown-triple"), "--memory", "4M", "--report-json", str(out))
+    assert res.returncode == 1
+    assert "pyvmm fault report" in res.stderr and "Traceback" not in res.stderr
+    data = json.loads(out.read_text())
+    assert data["outcome"]["kind"] == "shutdown"
+    report = data["report"]
+    assert report["exit_reason"] == "KVM_EXIT_SHUTDOWN"
+    assert report["memory_fault"] is None  # only filled for KVM_EXIT_MEMORY_FAULT
+    assert report["registers"]["rip"] >= 0x100000
+    assert report["slots"][0]["backing"] == "anon"
+    assert "memlock" in report and "rlimit_soft" in report["memlock"]
+
+
+def _report(err, kind="protected", vmflags=(), backing="udmabuf", exit_reason=None):
+    slot = SlotInfo(slot=3, gpa=0x80000000, size=0x200000, flags=[], backing=backing, hva=0x7F0000000000,
+                    vmas=[{"start": 0x7F0000000000, "end": 0x7F0000200000, "perms": "rw-s", "path": "/dmabuf:",
+                           "vmflags": list(vmflags), "notable": {}}], backing_details={})
+    r = FaultReport(what="test", vm_kind=kind, vm_type=1 << 31, arch="arm64", vcpu=0, errno=err,
+                    exit_reason=exit_reason, slots=[slot], faulting_slot=3,
+                    memlock={"rlimit_soft": 0, "cap_ipc_lock": False})
+    return r
+
+
+def test_rule_pfnmap_on_protected_vm():
+    causes = likely_causes(_report(errno.EFAULT, vmflags=["rd", "wr", "sh", "io", "pf"]))
+    assert any("VM_PFNMAP/VM_IO" in c and "pin_user_pages" in c and "slot 3 (udmabuf)" in c for c in causes)
+
+
+def test_rule_pfnmap_on_normal_vm_is_not_blamed():
+    causes = likely_causes(_report(errno.EFAULT, kind="normal", vmflags=["rd", "wr", "sh", "io", "pf"]))
+    assert not any("pin_user_pages" in c for c in causes)
+
+
+def test_rule_eio_enomem_eperm_on_protected_vm():
+    assert any("swap-backed" in c for c in likely_causes(_report(errno.EIO, backing="guest-memfd")))
+    assert any("RLIMIT_MEMLOCK" in c and "CAP_IPC_LOCK" in c for c in likely_causes(_report(errno.ENOMEM)))
+    assert any("after its first KVM_RUN" in c for c in likely_causes(_report(errno.EPERM)))

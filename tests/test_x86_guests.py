@@ -1,0 +1,112 @@
+"""The bundled x86_64 guests, run on real KVM: what they print and how they end."""
+
+from __future__ import annotations
+
+import os
+import re
+
+import pytest
+
+from devices import testdev
+from pyvmm.runloop import ExitKind
+
+
+def test_hello_long_mode(boot_x86):
+    run = boot_x86("hello")
+    assert run.console == "Hello from a pyvmm guest (x86_64, long mode)\n"
+    assert run.outcome.kind is ExitKind.HALT
+    assert run.outcome.exits["KVM_EXIT_HLT"] == 1
+
+
+def test_hello_real_mode(boot_x86):
+    run = boot_x86("hello16.bin")
+    assert run.console == "Hello from a pyvmm guest (x86, real mode)\n"
+    assert run.outcome.kind is ExitKind.HALT
+
+
+def test_hello_two_vcpus_both_halt(boot_x86):
+    run = boot_x86("hello", vcpus=2)
+    assert run.console.count("Hello") == 1  # only vCPU 0 prints
+    assert run.outcome.kind is ExitKind.HALT
+    assert run.outcome.exits["KVM_EXIT_HLT"] == 2
+
+
+def expected_checksum(start: int, end: int) -> int:
+    pattern = 0x5A17C0DE9E3779B9
+    return sum(addr ^ pattern for addr in range(start, end, 64)) & (2**64 - 1)
+
+
+def test_memtouch_checksum(boot_x86):
+    run = boot_x86("memtouch", memory=4 << 20)
+    m = re.fullmatch(r"memtouch: start=0x(\w+) end=0x(\w+) checksum=0x(\w+) errors=0x(\w+)\n", run.console)
+    assert m, run.console
+    start, end, checksum, errors = (int(g, 16) for g in m.groups())
+    assert (start, end) == (2 << 20, 4 << 20)
+    assert checksum == expected_checksum(start, end)
+    assert errors == 0
+    assert run.outcome.kind is ExitKind.GUEST_EXIT and run.outcome.status == 0
+
+
+def test_mmio_access_sizes(boot_x86):
+    run = boot_x86("mmio")
+    assert run.console == "mmio: ok\n"
+    assert run.outcome.kind is ExitKind.GUEST_EXIT and run.outcome.status == 0
+    log = run.vm.devices["testdev"].log
+    A = testdev.Access
+    assert log == [
+        A(0x000, 1, False, 0x50),
+        A(0x000, 2, False, 0x5950),
+        A(0x000, 4, False, 0x4D565950),
+        A(0x000, 8, False, testdev.ID_VALUE),
+        A(0x100, 1, True, 0x11), A(0x100, 1, False, 0x11),
+        A(0x110, 2, True, 0x2233), A(0x110, 2, False, 0x2233),
+        A(0x120, 4, True, 0x44556677), A(0x120, 4, False, 0x44556677),
+        A(0x130, 8, True, 0x8899AABBCCDDEEFF), A(0x130, 8, False, 0x8899AABBCCDDEEFF),
+    ]
+
+
+@pytest.mark.parametrize("name, kind, status, text", [
+    ("shutdown-hlt", ExitKind.HALT, None, "shutdown: hlt\n"),
+    ("shutdown-triple", ExitKind.SHUTDOWN, None, "shutdown: triple fault\n"),
+    ("shutdown-exit", ExitKind.GUEST_EXIT, 0x42, "shutdown: exit port\n"),
+    ("shutdown-reset", ExitKind.RESET, None, "shutdown: reset\n"),
+])
+def test_shutdown_paths(boot_x86, name, kind, status, text):
+    run = boot_x86(name)
+    assert run.console == text
+    assert run.outcome.kind is kind
+    assert run.outcome.status == status
+    if kind is ExitKind.SHUTDOWN:
+        report = run.outcome.report
+        assert report.exit_reason == "KVM_EXIT_SHUTDOWN"
+        assert any("triple" in c for c in report.likely_cause)
+
+
+def test_unknown_mmio_reads_zero_and_guest_continues(x86_firmware):
+    """The mmio guest against a VM without the test device: reads return 0, the guest reports errors."""
+    from pyvmm.vm import Vm
+
+    with Vm() as vm:
+        vm.add_memory(4 << 20)
+        vm.create_vcpus(1)
+        vm.mmio_bus.remove("test-device")  # its accesses become unclaimed
+        vm.boot(os.path.join(x86_firmware, "mmio"))
+        outcome = vm.run(timeout=30)
+        console = vm.console.text()
+    assert console.startswith("mmio: FAIL errors=")
+    assert outcome.kind is ExitKind.GUEST_EXIT and outcome.status == 8
+    assert vm.mmio_bus.unclaimed_count == 12
+
+
+def test_timeout_stops_a_spinning_guest(x86_firmware, tmp_path):
+    """A guest that never ends is stopped by the timeout; the vCPU thread is kicked out of KVM_RUN."""
+    from pyvmm.vm import Vm
+
+    spin = tmp_path / "spin.bin"
+    spin.write_bytes(b"\xeb\xfe")  # jmp $
+    with Vm() as vm:
+        vm.add_memory(2 << 20)
+        vm.create_vcpus(1)
+        vm.boot(str(spin), mode="real")
+        outcome = vm.run(timeout=0.5)
+    assert outcome.kind is ExitKind.TIMEOUT
