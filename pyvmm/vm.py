@@ -55,6 +55,8 @@ class Vm:
         self.fd = None
         self.memory: GuestMemory | None = None
         self.kmsg: KmsgWatcher | None = None
+        self.on_close: list[Callable[[], None]] = []  # arch-owned fds (GIC...), closed before the VM fd
+        self.dtb: bytes | None = None
         try:
             self.arch = arch or host_arch()
             self.kind = "protected" if protected else "normal"
@@ -106,6 +108,7 @@ class Vm:
     def run(self, timeout: float | None = None) -> Outcome:
         if not self.vcpus:
             raise ConfigError("the VM has no vCPUs")
+        self.arch.check_before_run(self)
         self._runloop = RunLoop(self)
         try:
             return self._runloop.run(timeout)
@@ -123,6 +126,8 @@ class Vm:
         for vcpu in self.vcpus:
             vcpu.close()
         self.vcpus.clear()
+        while self.on_close:
+            self.on_close.pop()()
         if self.fd is not None:
             self.fd.close()
         if self.memory is not None:

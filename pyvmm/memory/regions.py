@@ -86,8 +86,9 @@ class GuestMemory:
         self.rules = rules or MemoryRules()
         self.regions: list[MemoryRegion] = []  # sorted by gpa
         self.has_run = False
-        # Called before the VMM touches guest memory; may refuse (protected VMs).
+        # Called before the VMM touches guest memory; may refuse (protected VMs: ``protected_guard``).
         self.access_guard: Callable[[int, int, bool], None] | None = None
+        self.shared_pages: set[int] = set()  # page numbers a protected guest has shared with the host
 
     # --- building the map ------------------------------------------------
     def validate(self, gpa: int, size: int, flags: int = 0, alignment: int = hostmem.PAGE_SIZE,
@@ -199,8 +200,33 @@ class GuestMemory:
             gpa += take
             length -= take
 
-    def _io(self, write: bool, gpa: int, buf: ctypes.Array) -> None:
-        if self.access_guard is not None:
+    def declare_shared(self, gpa: int, size: int = hostmem.PAGE_SIZE, shared: bool = True) -> None:
+        """Record that a protected guest shared (or unshared) [gpa, gpa+size) with the host."""
+        pages = range(gpa // hostmem.PAGE_SIZE, (gpa + size - 1) // hostmem.PAGE_SIZE + 1)
+        if shared:
+            self.shared_pages.update(pages)
+        else:
+            self.shared_pages.difference_update(pages)
+
+    def protected_guard(self, gpa: int, size: int, write: bool) -> None:
+        """After a protected VM has run, its pages are the guest's unless it shared them.
+
+        A host access to a guest-owned page is not harmless: through a system call the kernel reclaims
+        the page from the guest (which then fails with EFAULT); directly it is SIGSEGV.  So refuse,
+        before touching anything, unless the range was declared shared.
+        """
+        if not self.has_run:
+            return
+        for page in range(gpa // hostmem.PAGE_SIZE, (gpa + size - 1) // hostmem.PAGE_SIZE + 1):
+            if page not in self.shared_pages:
+                raise GuestMemoryError(
+                    f"guest page {page * hostmem.PAGE_SIZE:#x} belongs to the protected guest (it has not shared "
+                    "it): a host access would make pKVM reclaim the page from the guest. Declare it shared "
+                    "(memory.declare_shared) once the guest has shared it, or pass force=True to access it anyway"
+                )
+
+    def _io(self, write: bool, gpa: int, buf: ctypes.Array, force: bool = False) -> None:
+        if self.access_guard is not None and not force:
             self.access_guard(gpa, ctypes.sizeof(buf), write)
         done = 0
         for region, offset, take in self._chunks(gpa, ctypes.sizeof(buf)):
@@ -222,17 +248,17 @@ class GuestMemory:
                 )
             done += take
 
-    def read(self, gpa: int, length: int) -> bytes:
+    def read(self, gpa: int, length: int, force: bool = False) -> bytes:
         buf = (ctypes.c_char * length)()
         if length:
-            self._io(False, gpa, buf)
+            self._io(False, gpa, buf, force)
         return bytes(buf)
 
-    def write(self, gpa: int, data: bytes) -> None:
+    def write(self, gpa: int, data: bytes, force: bool = False) -> None:
         if not data:
             return
         buf = (ctypes.c_char * len(data)).from_buffer_copy(data)
-        self._io(True, gpa, buf)
+        self._io(True, gpa, buf, force)
 
     def read_u64(self, gpa: int) -> int:
         return int.from_bytes(self.read(gpa, 8), "little")

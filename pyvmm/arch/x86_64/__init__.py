@@ -124,6 +124,9 @@ class X86_64:
             cpu.enter_long_mode(vcpu, img.entry, layout.STACK_TOP - vcpu.vcpu_id * layout.STACK_SIZE,
                                 dict(rdi=ram, rsi=vcpu.vcpu_id, rdx=nvcpus))
 
+    def check_before_run(self, vm) -> None:
+        pass
+
     def registers(self, vcpu: VcpuFd) -> dict[str, int]:
         return cpu.registers(vcpu)
 

@@ -1,0 +1,162 @@
+"""arm64: normal and pKVM protected VMs, in-kernel GICv3, the architected timer, a 16550 UART on
+MMIO, a generated device tree, and Linux ``Image`` or firmware loading.
+
+Protected VMs (``Vm(protected=True)``) are created with ``KVM_VM_TYPE_ARM_PROTECTED`` ORed with the
+IPA size.  The kernel's rules for them are checked before the ioctls: no READONLY or LOG_DIRTY
+memslots, no slot delete/move after the first run, and RLIMIT_MEMLOCK large enough for the guest's
+memory (every page the guest touches is pinned and charged to it) unless the VMM has CAP_IPC_LOCK.
+After the first run, guest pages belong to the guest: the VMM reads only ranges declared shared
+(``vm.memory.declare_shared``), since a host read of a guest-owned page makes the kernel reclaim it.
+
+Firmware entry registers: x0 = DTB address, x1 = RAM base, x2 = RAM size, x3 = 0.
+"""
+
+from __future__ import annotations
+
+from ...hostinfo import MemlockInfo
+from ...kvm import uapi
+from ...kvm.device import DeviceFd
+from ...kvm.errors import ConfigError, MissingFeature
+from ...kvm.vcpu import VcpuFd
+from ...loader import EM_AARCH64, is_elf, load_elf, load_flat, read_image
+from ...memory.regions import MemoryRules
+from ...runloop import ExitKind, Outcome
+from . import cpu, fdt, gic, layout, linux
+
+from devices.debug_exit import DebugExit
+from devices.testdev import SIZE as TESTDEV_SIZE
+from devices.testdev import MmioTestDevice
+from devices.uart16550 import Uart16550
+
+DEFAULT_IPA_BITS = 40
+
+
+class Arm64:
+    name = "arm64"
+    ram_base = layout.RAM_BASE
+    max_vcpus_cap = uapi.KVM_CAP_MAX_VCPUS
+    default_image = "hello"
+
+    def __init__(self):
+        self.gic: DeviceFd | None = None
+
+    def vm_type(self, kvm, protected: bool, ipa_bits: int | None) -> int:
+        limit = kvm.check_extension(uapi.KVM_CAP_ARM_VM_IPA_SIZE) or DEFAULT_IPA_BITS
+        if ipa_bits is not None and not 32 <= ipa_bits <= limit:
+            raise ConfigError(f"IPA size {ipa_bits} bits: this KVM supports 32 to {limit}")
+        vm_type = ipa_bits or 0  # 0 = the default 40 bits
+        if protected:
+            from ...caps import kvm_arm_mode
+
+            if kvm_arm_mode() != "protected":
+                raise MissingFeature("protected VMs need pKVM: boot the host with kvm-arm.mode=protected")
+            vm_type |= uapi.KVM_VM_TYPE_ARM_PROTECTED
+        return vm_type
+
+    def memory_rules(self, vm) -> MemoryRules:
+        ipa = vm.vm_type & uapi.KVM_VM_TYPE_ARM_IPA_SIZE_MASK or DEFAULT_IPA_BITS
+        protected = vm.protected
+        return MemoryRules(max_slots=vm.kvm.check_extension(uapi.KVM_CAP_NR_MEMSLOTS) or 32, max_gpa=1 << ipa,
+                           readonly_allowed=not protected, log_dirty_allowed=not protected,
+                           frozen_after_run=protected, vm_kind=vm.kind)
+
+    def prepare_vm(self, vm) -> None:
+        uart = Uart16550(vm.console.write, irq=lambda level: self._irq(vm, layout.UART_SPI, level))
+        vm.mmio_bus.insert(uart, layout.UART, layout.UART_SIZE, "uart (16550)")
+
+        def guest_exit(status: int) -> None:
+            vm.request_stop(Outcome(ExitKind.GUEST_EXIT, status=status, detail=f"guest wrote {status:#x} to the exit register"))
+
+        vm.mmio_bus.insert(DebugExit(guest_exit), layout.DEBUG_EXIT, layout.DEBUG_EXIT_SIZE, "debug-exit")
+        testdev = MmioTestDevice()
+        vm.mmio_bus.insert(testdev, layout.TEST_DEVICE, TESTDEV_SIZE, "test-device")
+        vm.devices.update(uart=uart, testdev=testdev)
+        if vm.protected:
+            vm.memory.access_guard = vm.memory.protected_guard
+
+    def _irq(self, vm, spi: int, level: bool) -> None:
+        if self.gic is not None and not vm.fd.closed:
+            vm.fd.irq_line(gic.spi_irq_line(spi), int(level))
+
+    def init_vcpus(self, vm) -> None:
+        cpu.init_vcpus(vm.fd, vm.vcpus)
+        self.gic = gic.create_gicv3(vm.fd)
+        vm.on_close.append(self.gic.close)
+
+    def _ram_size(self, vm) -> int:
+        end = layout.RAM_BASE
+        for region in vm.memory.regions:
+            if region.gpa == end:
+                end = region.end
+        size = end - layout.RAM_BASE
+        if size < layout.MIN_RAM:
+            raise ConfigError(f"arm64 guests need at least {layout.MIN_RAM >> 20} MiB of RAM at {layout.RAM_BASE:#x} "
+                              f"(have {size:#x} bytes)")
+        return size
+
+    def check_before_run(self, vm) -> None:
+        """pKVM pins every page the guest touches and charges it to RLIMIT_MEMLOCK (CAP_IPC_LOCK exempts)."""
+        if not vm.protected:
+            return
+        ml = MemlockInfo.read()
+        total = vm.memory.total
+        if not ml.cap_ipc_lock and ml.rlimit_soft is not None and ml.rlimit_soft < total:
+            raise ConfigError(
+                f"RLIMIT_MEMLOCK is {ml.rlimit_soft} bytes but the protected VM has {total} bytes of memory: pKVM pins "
+                "every page the guest touches and charges it to RLIMIT_MEMLOCK, so KVM_RUN would fail with ENOMEM; "
+                "raise it (ulimit -l) or give the VMM CAP_IPC_LOCK"
+            )
+
+    def boot(self, vm, image: str | None, mode: str = "auto", cmdline: str = "console=ttyS0 earlycon",
+             initrd: str | None = None, load_addr: int | None = None) -> None:
+        from ...firmware import firmware_path
+
+        if mode not in ("auto", "linux", "firmware"):
+            raise ConfigError(f"unknown boot mode {mode!r} for arm64 (choose from auto, linux, firmware)")
+        if not vm.vcpus:
+            raise ConfigError("create the vCPUs before booting")
+        ram = self._ram_size(vm)
+        ram_end = layout.RAM_BASE + ram
+        dtb_addr = ram_end - (2 << 20)
+        data = read_image(image or firmware_path(self.name, self.default_image))
+        if mode == "auto":
+            mode = "linux" if linux.is_arm64_image(data) else "firmware"
+        initrd_range = None
+        if mode == "linux":
+            header = linux.parse_header(data)
+            entry = linux.kernel_load_address(layout.RAM_BASE, header)
+            if entry + header.image_size > dtb_addr:
+                raise ConfigError(f"kernel needs {header.image_size >> 20} MiB; give the guest more memory")
+            load_flat(vm.memory, data, entry, "kernel")
+            if initrd:
+                blob = read_image(initrd)
+                start = (entry + header.image_size + (2 << 20) - 1) & ~((2 << 20) - 1)
+                if start + len(blob) > dtb_addr:
+                    raise ConfigError("initrd does not fit in guest RAM below the device tree")
+                load_flat(vm.memory, blob, start, "initrd")
+                initrd_range = (start, start + len(blob))
+            args = {0: dtb_addr, 1: 0, 2: 0, 3: 0}
+        else:
+            if initrd:
+                raise ConfigError("--initrd is only for Linux kernels")
+            if is_elf(data):
+                img = load_elf(vm.memory, data)
+                if img.elf_machine != EM_AARCH64:
+                    raise ConfigError(f"{image}: not an arm64 ELF image (e_machine {img.elf_machine})")
+            else:
+                img = load_flat(vm.memory, data, layout.RAM_BASE if load_addr is None else load_addr)
+            entry = img.entry
+            args = {0: dtb_addr, 1: layout.RAM_BASE, 2: ram, 3: 0}
+        dtb = fdt.build(fdt.DeviceTreeConfig(layout.RAM_BASE, ram, [cpu.mpidr(v.vcpu_id) for v in vm.vcpus],
+                                             cmdline if mode == "linux" else "", initrd_range))
+        if len(dtb) > layout.DTB_MAX:
+            raise ConfigError("device tree too large")
+        vm.memory.write(dtb_addr, dtb)
+        vm.dtb = dtb
+        cpu.enter(vm.vcpus[0], entry, args)
+
+    def registers(self, vcpu: VcpuFd) -> dict[str, int]:
+        return cpu.registers(vcpu)
+
+    def pc(self, vcpu: VcpuFd) -> int:
+        return vcpu.get_one_reg(cpu.PC)

@@ -1,0 +1,86 @@
+"""The device tree pyvmm gives each arm64 guest, built with the ``fdt`` library (checked with dtc in tests)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import fdt
+
+from . import layout
+
+GIC_PHANDLE = 1
+IRQ_TYPE_SPI, IRQ_TYPE_PPI = 0, 1
+IRQ_LEVEL_HIGH = 4
+IRQ_PPI_ALL_CPUS_LEVEL_LOW = 0xF08
+
+
+@dataclass
+class DeviceTreeConfig:
+    ram_base: int
+    ram_size: int
+    mpidrs: list[int]
+    bootargs: str = ""
+    initrd: tuple[int, int] | None = None  # (start, end)
+
+
+def _cells64(value: int) -> list[int]:
+    return [value >> 32, value & 0xFFFFFFFF]
+
+
+def _node(name: str, *props) -> fdt.Node:
+    node = fdt.Node(name)
+    for p in props:
+        node.append(p)
+    return node
+
+
+def build(cfg: DeviceTreeConfig) -> bytes:
+    tree = fdt.FDT()
+    tree.header.version = 17
+    root = tree.root
+    for p in (fdt.PropStrings("compatible", "linux,dummy-virt"), fdt.PropWords("#address-cells", 2),
+              fdt.PropWords("#size-cells", 2), fdt.PropWords("interrupt-parent", GIC_PHANDLE),
+              fdt.PropStrings("model", "pyvmm")):
+        root.append(p)
+
+    root.append(_node(f"memory@{cfg.ram_base:x}", fdt.PropStrings("device_type", "memory"),
+                      fdt.PropWords("reg", *_cells64(cfg.ram_base), *_cells64(cfg.ram_size))))
+
+    cpus = _node("cpus", fdt.PropWords("#address-cells", 1), fdt.PropWords("#size-cells", 0))
+    for mpidr in cfg.mpidrs:
+        cpus.append(_node(f"cpu@{mpidr:x}", fdt.PropStrings("device_type", "cpu"),
+                          fdt.PropStrings("compatible", "arm,arm-v8"), fdt.PropStrings("enable-method", "psci"),
+                          fdt.PropWords("reg", mpidr)))
+    root.append(cpus)
+
+    root.append(_node("psci", fdt.PropStrings("compatible", "arm,psci-1.0", "arm,psci-0.2"),
+                      fdt.PropStrings("method", "hvc")))
+
+    redist_size = layout.GIC_REDIST_SIZE * len(cfg.mpidrs)
+    root.append(_node(f"intc@{layout.GIC_DIST:x}", fdt.PropStrings("compatible", "arm,gic-v3"),
+                      fdt.PropWords("#interrupt-cells", 3), fdt.Property("interrupt-controller"),
+                      fdt.PropWords("#address-cells", 2), fdt.PropWords("#size-cells", 2),
+                      fdt.PropWords("reg", *_cells64(layout.GIC_DIST), *_cells64(layout.GIC_DIST_SIZE),
+                                    *_cells64(layout.GIC_REDIST), *_cells64(redist_size)),
+                      fdt.PropWords("phandle", GIC_PHANDLE)))
+
+    timer_irqs = []
+    for ppi in layout.TIMER_PPIS:
+        timer_irqs += [IRQ_TYPE_PPI, ppi, IRQ_PPI_ALL_CPUS_LEVEL_LOW]
+    root.append(_node("timer", fdt.PropStrings("compatible", "arm,armv8-timer"),
+                      fdt.PropWords("interrupts", *timer_irqs), fdt.Property("always-on")))
+
+    uart = f"serial@{layout.UART:x}"
+    root.append(_node(uart, fdt.PropStrings("compatible", "ns16550a"),
+                      fdt.PropWords("reg", *_cells64(layout.UART), *_cells64(layout.UART_SIZE)),
+                      fdt.PropWords("clock-frequency", layout.UART_CLOCK),
+                      fdt.PropWords("interrupts", IRQ_TYPE_SPI, layout.UART_SPI, IRQ_LEVEL_HIGH)))
+
+    chosen = _node("chosen", fdt.PropStrings("stdout-path", f"/{uart}"))
+    if cfg.bootargs:
+        chosen.append(fdt.PropStrings("bootargs", cfg.bootargs))
+    if cfg.initrd:
+        chosen.append(fdt.PropWords("linux,initrd-start", *_cells64(cfg.initrd[0])))
+        chosen.append(fdt.PropWords("linux,initrd-end", *_cells64(cfg.initrd[1])))
+    root.append(chosen)
+    return tree.to_dtb(version=17)

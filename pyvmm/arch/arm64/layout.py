@@ -1,0 +1,19 @@
+"""arm64 guest physical layout used by pyvmm (devices low, RAM from 2 GiB)."""
+
+GIC_DIST = 0x0800_0000
+GIC_DIST_SIZE = 0x1_0000
+GIC_REDIST = 0x080A_0000
+GIC_REDIST_SIZE = 0x2_0000  # per vCPU
+UART = 0x0900_0000
+UART_SIZE = 0x1000
+UART_SPI = 1  # INTID 33
+DEBUG_EXIT = 0x0901_0000
+DEBUG_EXIT_SIZE = 0x1000
+TEST_DEVICE = 0x0A00_0000
+RAM_BASE = 0x8000_0000
+MIN_RAM = 4 << 20
+DTB_MAX = 0x10_0000  # the DTB sits in the last 2 MiB of RAM
+UART_CLOCK = 1_843_200
+
+# Architected timer PPIs (GIC INTID - 16): secure phys, non-secure phys, virtual, hyp
+TIMER_PPIS = (13, 14, 11, 10)
