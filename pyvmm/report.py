@@ -57,6 +57,7 @@ class FaultReport:
     exit_details: dict = field(default_factory=dict)
     fault_gpa: int | None = None
     faulting_slot: int | None = None
+    forced_pages: list[int] = field(default_factory=list)  # guest-owned pages the VMM touched with force=True
     slots: list[SlotInfo] = field(default_factory=list)
     memlock: dict = field(default_factory=dict)
     kernel_log: list[str] = field(default_factory=list)
@@ -135,6 +136,23 @@ def _slot_infos(vm: "Vm") -> list[SlotInfo]:
     return infos
 
 
+def _swap_backed(slot: SlotInfo) -> bool:
+    """Anonymous memory and shmem (memfd, tmpfs files) are swap-backed; guest_memfd and disk files are not."""
+    if slot.backing == "guest-memfd":
+        return False
+    if slot.backing.startswith("file:"):
+        try:
+            with open("/proc/self/mounts") as f:
+                mounts = [line.split()[1:3] for line in f]
+        except OSError:
+            return False
+        path = slot.backing[len("file:"):]
+        best = max((m for m in mounts if path.startswith(m[0].rstrip("/") + "/")), key=lambda m: len(m[0]),
+                   default=None)
+        return best is not None and best[1] in ("tmpfs", "shmem")
+    return True
+
+
 def likely_causes(report: FaultReport) -> list[str]:
     """The kernel's rules, applied to what the report saw.  Pure: tests feed it reports."""
     causes: list[str] = []
@@ -144,6 +162,10 @@ def likely_causes(report: FaultReport) -> list[str]:
     candidates = [slot] if slot else report.slots
     pfn_slots = [s for s in candidates if s.vmflags & {"pf", "io"}]
     in_slot_mmio = report.exit_reason == "KVM_EXIT_MMIO" and slot is not None
+    if err == errno_mod.EFAULT and protected and report.forced_pages:
+        pages = ", ".join(f"{p:#x}" for p in report.forced_pages[:8])
+        causes.append(f"the VMM read or wrote guest-owned page(s) {pages} with force=True: pKVM reclaimed them from "
+                      "the protected guest (zeroed), and the guest's next access to them fails with EFAULT")
     if err == errno_mod.EFAULT or in_slot_mmio:
         if protected and pfn_slots:
             for s in pfn_slots:
@@ -176,8 +198,11 @@ def likely_causes(report: FaultReport) -> list[str]:
             causes.append("KVM could not fault in the host page behind the guest address (hva_to_pfn failed): "
                           "the host mapping is missing, lacks permission, or cannot be pinned")
     elif err == errno_mod.EIO and protected:
-        causes.append("a protected VM's memory must be anonymous or shmem (swap-backed): file-backed page-cache "
-                      "pages and guest_memfd memory that pKVM cannot donate are refused with EIO")
+        named = [s for s in candidates if not _swap_backed(s)]
+        which = ", ".join(f"slot {s.slot} ({s.backing})" for s in named) or "a slot"
+        causes.append(f"{which}: a protected VM's pages are pinned and must be swap-backed (anonymous memory or "
+                      "shmem: memfd, tmpfs); pkvm_mem_abort refuses page-cache pages of regular files and "
+                      "guest_memfd folios with EIO")
     elif err == errno_mod.ENOMEM:
         ml = report.memlock
         causes.append(
@@ -234,12 +259,26 @@ def build_report(vm: "Vm", vcpu: "VcpuFd | None", what: str, *, call: str | None
             region = vm.memory.find(mf.gpa)
             report.fault_gpa = mf.gpa
             report.faulting_slot = region.slot if region else None
-        report.exit_details = exit_details(run, exit_reason)
+        if exit_reason is not None:
+            report.exit_details = exit_details(run, exit_reason)
         try:
             report.registers = vm.arch.registers(vcpu)
         except Exception as exc:  # registers of a dead vCPU: say so, keep the report
             report.exit_details["registers_unavailable"] = str(exc)
     report.slots = _slot_infos(vm)
+    if report.faulting_slot is None and report.vm_kind == "protected":
+        # arm64 has no KVM_EXIT_MEMORY_FAULT: infer the slot when exactly one slot fits the kernel's rule.
+        if err == errno_mod.EFAULT:
+            fits, why = [s for s in report.slots if s.vmflags & {"pf", "io"}], "the only VM_PFNMAP/VM_IO slot"
+        elif err == errno_mod.EIO:
+            fits = [s for s in report.slots if not _swap_backed(s)]
+            why = "the only slot whose pages are not swap-backed"
+        else:
+            fits = []
+        if len(fits) == 1:
+            report.faulting_slot = fits[0].slot
+            report.exit_details["faulting_slot_inferred"] = why
+    report.forced_pages = sorted(p * 4096 for p in vm.memory.forced_pages)
     report.memlock = asdict(hostinfo.MemlockInfo.read())
     report.kernel_log = vm.kmsg.poll()
     report.kernel_log_unavailable = vm.kmsg.unavailable

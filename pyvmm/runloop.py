@@ -158,9 +158,9 @@ class RunLoop:
                     run.immediate_exit = 0 if not self._stopping.is_set() else 1
                     continue
                 what = f"KVM_RUN on vCPU {vid} failed with {err.errno_name} ({err.meaning})"
+                # exit_reason is stale after a failed KVM_RUN, except KVM_EXIT_MEMORY_FAULT (build_report checks)
                 self.finish(Outcome(ExitKind.FAULT, vid, detail=what,
-                                    report=build_report(self.vm, vcpu, what, call="KVM_RUN", err=err.errno,
-                                                        exit_reason=run.exit_reason)))
+                                    report=build_report(self.vm, vcpu, what, call="KVM_RUN", err=err.errno)))
                 return
             reason = run.exit_reason
             self._count(reason)

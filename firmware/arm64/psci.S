@@ -1,8 +1,8 @@
 /* psci-*: one guest per PSCI path, chosen at build time with --defsym PATH=n:
  *   1 SYSTEM_OFF    -> KVM_EXIT_SYSTEM_EVENT (shutdown)
  *   2 SYSTEM_RESET  -> KVM_EXIT_SYSTEM_EVENT (reset)
- *   3 CPU_ON        -> vCPU 0 starts vCPU 1 (MPIDR 1) with a context id; vCPU 1 reports it,
- *                      vCPU 0 waits for it, then SYSTEM_OFF. */
+ *   3 CPU_ON        -> vCPU 0 starts vCPU 1 (MPIDR 1) with a context id; vCPU 1 reports it and
+ *                      turns itself off; vCPU 0 waits for it, reports CPU_ON's result, SYSTEM_OFF. */
 	.section .text.entry, "ax"
 	.globl _start
 _start:
@@ -22,15 +22,15 @@ _start:
 	ldr	x3, =0xc0ffee		/* context id, arrives in the secondary's x0 */
 	hvc	#0
 	mov	x19, x0			/* PSCI return code */
+	adr	x20, flag		/* wait for vCPU 1 to finish printing */
+1:	ldar	x0, [x20]
+	cbz	x0, 1b
 	adr	x0, m_ret
 	bl	puts
 	mov	x0, x19
 	bl	puthex
 	mov	w0, #'\n'
 	bl	putc
-	adr	x20, flag
-1:	ldar	x0, [x20]
-	cbz	x0, 1b
 	adr	x0, m_seen
 	bl	puts
 	b	system_off

@@ -9,6 +9,7 @@ the parsed form of the CLI's ``--backing`` (``anon``, ``memfd``,
 
 from __future__ import annotations
 
+import ctypes
 import enum
 import errno
 import fcntl
@@ -78,6 +79,15 @@ class Backing:
             self.hva = hostmem.mmap_fd(fd, self.size, **kw)
         except OSError as err:
             raise ConfigError(f"{self.describe()}: mmap of {self.size:#x} bytes failed: {err.strerror}") from None
+
+    def host_io(self, write: bool, offset: int, buf) -> bool:
+        """Copy between ``buf`` and the backing at ``offset`` by the backing's own means.
+
+        Returns False when the backing has none (the accessor then uses process_vm_{read,write}v on the
+        mapping, which is safe for pages that can be pinned).  PFN-mapped backings (DMA-bufs) need this:
+        the kernel's GUP refuses VM_PFNMAP/VM_IO memory.
+        """
+        return False
 
     def describe(self) -> str:
         return self.kind.value
@@ -203,6 +213,17 @@ def _dmabuf_missing(what: str, node: str, option: str) -> MissingFeature:
     return MissingFeature(f"{what}: {node} does not exist (kernel option {option})")
 
 
+def _fd_io(fd: int, write: bool, offset: int, buf) -> bool:
+    view = memoryview(buf).cast("B")
+    done = 0
+    while done < len(view):
+        n = os.pwritev(fd, [view[done:]], offset + done) if write else os.preadv(fd, [view[done:]], offset + done)
+        if n <= 0:
+            raise OSError(errno.EIO, "short read/write on the backing fd")
+        done += n
+    return True
+
+
 class UdmabufBacking(Backing):
     """A DMA-buf made from a sealed memfd with ``UDMABUF_CREATE``; the slot maps the DMA-buf itself.
 
@@ -225,6 +246,10 @@ class UdmabufBacking(Backing):
         finally:
             os.close(dev)
         self._map(self.dmabuf)
+
+    def host_io(self, write: bool, offset: int, buf) -> bool:
+        """Through the memfd the DMA-buf was made from: same pages, no GUP on the PFN mapping."""
+        return _fd_io(self.memfd, write, offset, buf)
 
     def details(self) -> dict:
         return {**super().details(), "memfd": self.memfd, "dmabuf": self.dmabuf}
@@ -253,6 +278,15 @@ class DmaHeapBacking(Backing):
         finally:
             os.close(dev)
         self._map(self.dmabuf)
+
+    def host_io(self, write: bool, offset: int, buf) -> bool:
+        """The heap's mapping is the only view of the buffer, and GUP refuses it: copy directly."""
+        size = ctypes.sizeof(buf)
+        if write:
+            ctypes.memmove(self.hva + offset, buf, size)
+        else:
+            ctypes.memmove(buf, self.hva + offset, size)
+        return True
 
     def describe(self) -> str:
         return f"dma-heap:{self.heap}"

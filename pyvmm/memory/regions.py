@@ -89,6 +89,7 @@ class GuestMemory:
         # Called before the VMM touches guest memory; may refuse (protected VMs: ``protected_guard``).
         self.access_guard: Callable[[int, int, bool], None] | None = None
         self.shared_pages: set[int] = set()  # page numbers a protected guest has shared with the host
+        self.forced_pages: set[int] = set()  # guest-owned pages the host touched anyway (force=True)
 
     # --- building the map ------------------------------------------------
     def validate(self, gpa: int, size: int, flags: int = 0, alignment: int = hostmem.PAGE_SIZE,
@@ -226,12 +227,22 @@ class GuestMemory:
                 )
 
     def _io(self, write: bool, gpa: int, buf: ctypes.Array, force: bool = False) -> None:
-        if self.access_guard is not None and not force:
-            self.access_guard(gpa, ctypes.sizeof(buf), write)
+        if self.access_guard is not None:
+            try:
+                self.access_guard(gpa, ctypes.sizeof(buf), write)
+            except GuestMemoryError:
+                if not force:
+                    raise
+                last = (gpa + ctypes.sizeof(buf) - 1) // hostmem.PAGE_SIZE
+                self.forced_pages.update(p for p in range(gpa // hostmem.PAGE_SIZE, last + 1)
+                                         if p not in self.shared_pages)
         done = 0
         for region, offset, take in self._chunks(gpa, ctypes.sizeof(buf)):
             piece = (ctypes.c_char * take).from_buffer(buf, done)
             try:
+                if region.backing.host_io(write, offset, piece):
+                    done += take
+                    continue
                 got = hostmem.process_vm_io(write, region.hva + offset, piece)
             except OSError as err:
                 got, why = 0, err

@@ -1,0 +1,35 @@
+"""Helpers for the arm64 tests (they run inside the lab: scripts/lab test)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIRMWARE = os.path.join(ROOT, "firmware", "arm64", "build")
+
+
+def require_arm64_kvm() -> None:
+    from pyvmm.arch import machine_name
+
+    if machine_name() != "arm64":
+        pytest.skip("arm64 guests need an arm64 host with KVM (run them in the lab: scripts/lab test)")
+    if not os.path.exists("/dev/kvm"):
+        pytest.skip("no /dev/kvm on this arm64 host")
+    if not os.path.exists(os.path.join(FIRMWARE, "hello")):
+        pytest.skip("arm64 test guests are not built (make -C firmware/arm64)")
+
+
+def require_pkvm() -> None:
+    from pyvmm.caps import protected_vm_support
+    from pyvmm.kvm import Kvm
+
+    with Kvm() as kvm:
+        support = protected_vm_support(kvm, "arm64")
+    if not support.available:
+        pytest.skip(f"no protected VMs here: {support.reason}")
+
+
+def guest(name: str) -> str:
+    return os.path.join(FIRMWARE, name)

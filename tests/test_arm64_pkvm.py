@@ -1,0 +1,189 @@
+"""pKVM: the backing matrix on both VM types, the share hypercalls, the host's view of guest-owned
+pages, and the kernel's rules for protected VMs (run in the lab: scripts/lab test)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import sys
+
+import pytest
+
+from pyvmm.kvm import uapi
+from pyvmm.kvm.errors import ConfigError, GuestMemoryError, KvmError
+from pyvmm.runloop import ExitKind
+from pyvmm.vm import Vm
+from tests.arm64 import ROOT, guest, require_arm64_kvm, require_pkvm
+
+RAM_BASE = 0x8000_0000
+
+
+@pytest.fixture
+def pkvm():
+    require_arm64_kvm()
+    require_pkvm()
+
+
+def memtouch(protected: bool, backing: str):
+    vm = Vm(protected=protected)
+    try:
+        vm.add_memory(8 << 20, backing)
+        vm.create_vcpus(1)
+        vm.boot(guest("memtouch"))
+        return vm, vm.run(timeout=120)
+    except BaseException:
+        vm.close()
+        raise
+
+
+@pytest.mark.parametrize("backing", ["anon", "memfd", "guest-memfd", "udmabuf"])
+def test_backings_on_normal_vm(backing):
+    """Measured on this lab: a normal VM runs with all four backings."""
+    require_arm64_kvm()
+    if backing == "udmabuf" and not os.path.exists("/dev/udmabuf"):
+        pytest.skip("no /dev/udmabuf (CONFIG_UDMABUF)")
+    vm, outcome = memtouch(False, backing)
+    with vm:
+        assert outcome.kind is ExitKind.GUEST_EXIT and outcome.status == 0, vm.console.text()
+        assert "errors=0x0000000000000000" in vm.console.text()
+        assert vm.memory.read_u64(RAM_BASE + (2 << 20)) == (RAM_BASE + (2 << 20)) ^ 0x5A17C0DE9E3779B9
+
+
+@pytest.mark.parametrize("backing", ["anon", "memfd"])
+def test_swap_backed_memory_runs_protected(pkvm, backing):
+    vm, outcome = memtouch(True, backing)
+    with vm:
+        assert outcome.kind is ExitKind.GUEST_EXIT and outcome.status == 0, vm.console.text()
+
+
+def test_udmabuf_on_protected_vm_is_refused_and_explained(pkvm):
+    """The class of the crosvm dma-heap bug: the DMA-buf mmap is VM_PFNMAP, pkvm_mem_abort cannot pin it."""
+    if not os.path.exists("/dev/udmabuf"):
+        pytest.skip("no /dev/udmabuf (CONFIG_UDMABUF)")
+    vm, outcome = memtouch(True, "udmabuf")
+    with vm:
+        assert outcome.kind is ExitKind.FAULT
+        r = outcome.report
+        assert (r.call, r.errno) == ("KVM_RUN", errno.EFAULT)
+        assert r.faulting_slot == 0 and r.exit_details["faulting_slot_inferred"]
+        slot = r.slots[0]
+        assert slot.backing == "udmabuf" and "pf" in slot.vmflags  # udmabuf inserts PFNs: VM_PFNMAP
+        assert any("VM_PFNMAP/VM_IO" in c and "pkvm_mem_abort" in c for c in r.likely_cause)
+        assert r.exit_reason is None and r.memory_fault is None  # stale after a failed KVM_RUN: not shown
+
+
+def test_guest_memfd_on_protected_vm_is_refused_and_explained(pkvm):
+    vm, outcome = memtouch(True, "guest-memfd")
+    with vm:
+        assert outcome.kind is ExitKind.FAULT
+        r = outcome.report
+        assert (r.call, r.errno) == ("KVM_RUN", errno.EIO)
+        assert r.faulting_slot == 0
+        assert any("slot 0 (guest-memfd)" in c and "swap-backed" in c for c in r.likely_cause)
+
+
+def share_run(protected: bool):
+    vm = Vm(protected=protected)
+    vm.add_memory(8 << 20)
+    vm.create_vcpus(1)
+    vm.boot(guest("pkvm-share"))
+    first = vm.run(timeout=120)
+    scratch = vm.devices["testdev"].scratch
+    return vm, first, int.from_bytes(scratch[0:8], "little"), int.from_bytes(scratch[8:16], "little")
+
+
+def test_pkvm_share_hypercalls_and_host_reads(pkvm):
+    vm, first, page_a, page_b = share_run(True)
+    with vm:
+        assert first.kind is ExitKind.GUEST_EXIT and first.status == 0x51
+        # FEATURES: FEATURES | HYP_MEMINFO | MEM_SHARE | MEM_UNSHARE; MEMINFO: the page size; MEM_SHARE: success
+        assert vm.console.text() == ("pkvm-share: features=0x000000000000001d meminfo=0x0000000000001000 "
+                                     "share=0x0000000000000000\n")
+        vm.memory.declare_shared(page_a)
+        assert vm.memory.read(page_a, 8) == b"A-DERAHS"  # the page the guest shared
+        with pytest.raises(GuestMemoryError, match="belongs to the protected guest"):
+            vm.memory.read(page_b, 8)  # refused before anything touches it
+        again = vm.run(timeout=120)  # the VMM is alive and the guest still runs
+        assert again.kind is ExitKind.GUEST_EXIT and again.status == 0
+        assert vm.console.text().endswith("pkvm-share: page B intact, unshare=0x0000000000000000\n")
+
+
+def test_forced_read_of_a_guest_page_reclaims_it(pkvm):
+    """What the guard prevents: a host read of a guest-owned page makes pKVM reclaim and zero it,
+    and the guest's next access fails with EFAULT, which the report attributes to the forced read."""
+    vm, first, page_a, page_b = share_run(True)
+    with vm:
+        assert first.status == 0x51
+        assert vm.memory.read(page_b, 8, force=True) == bytes(8)  # zeroed, not the guest's value
+        again = vm.run(timeout=120)
+        assert again.kind is ExitKind.FAULT and again.report.errno == errno.EFAULT
+        assert again.report.forced_pages == [page_b]
+        assert any("force=True" in c and f"{page_b:#x}" in c for c in again.report.likely_cause)
+
+
+def test_pkvm_share_on_normal_vm(pkvm):
+    vm, first, page_a, page_b = share_run(False)
+    with vm:
+        assert "share=0xffffffffffffffff" in vm.console.text()  # SMCCC NOT_SUPPORTED
+        assert vm.memory.read(page_b, 8) == b"-ETAVIRP"  # a normal VM's memory is the host's
+
+
+def test_readonly_and_log_dirty_slots_refused(pkvm):
+    with Vm(protected=True) as vm:
+        vm.add_memory(8 << 20)
+        for flag, name in ((uapi.KVM_MEM_READONLY, "READONLY"), (uapi.KVM_MEM_LOG_DIRTY_PAGES, "LOG_DIRTY_PAGES")):
+            with pytest.raises(ConfigError, match=f"{name} memslots are not allowed on a protected VM"):
+                vm.add_memory(0x10000, gpa=0x1_0000_0000, flags=flag)
+        region = vm.memory.regions[0]
+        with pytest.raises(KvmError) as err:  # and the kernel agrees
+            vm.fd.set_user_memory_region(5, uapi.KVM_MEM_READONLY, 0x1_0000_0000, 0x10000, region.hva)
+        assert err.value.errno == errno.EPERM
+
+
+def test_no_slot_delete_after_first_run(pkvm):
+    with Vm(protected=True) as vm:
+        ram = vm.add_memory(8 << 20)
+        extra = vm.add_memory(0x10000, "memfd", gpa=0x1_0000_0000)
+        vm.create_vcpus(1)
+        vm.boot(guest("hello"))
+        assert vm.run(timeout=120).kind is ExitKind.POWER_OFF
+        with pytest.raises(ConfigError, match="cannot be deleted or moved after its first KVM_RUN"):
+            vm.memory.remove(extra)
+        with pytest.raises(KvmError) as err:  # and the kernel agrees
+            vm.fd.set_user_memory_region(extra.slot, 0, extra.gpa, 0, extra.hva)
+        assert err.value.errno == errno.EPERM
+        assert ram.registered
+
+
+MEMLOCK_SCRIPT = r"""
+import resource, sys
+resource.setrlimit(resource.RLIMIT_MEMLOCK, (0, 0))
+from pyvmm.kvm.errors import PyvmmError
+from pyvmm.vm import Vm
+with Vm(protected=True) as vm:
+    vm.add_memory(8 << 20)
+    vm.create_vcpus(1)
+    vm.boot(sys.argv[1])
+    try:
+        vm.run(timeout=60)
+    except PyvmmError as e:
+        print("PRECHECK:", e)
+    out = vm.run(timeout=60, precheck=False)
+    print("RUN:", out.kind.value, out.report.errno_name if out.report else None)
+    print("CAUSE:", out.report.likely_cause if out.report else None)
+"""
+
+
+def test_memlock_limit_without_cap_ipc_lock(pkvm):
+    """Without CAP_IPC_LOCK and with RLIMIT_MEMLOCK 0: pyvmm refuses before KVM_RUN, and KVM says ENOMEM."""
+    os.chmod("/dev/kvm", 0o666)  # the lab is throwaway; an unprivileged user has no CAP_IPC_LOCK
+    try:
+        res = subprocess.run([sys.executable, "-c", MEMLOCK_SCRIPT, guest("hello")], capture_output=True, text=True,
+                             cwd=ROOT, user=65534, group=65534, extra_groups=[], timeout=300,
+                             env={**os.environ, "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"})
+    finally:
+        os.chmod("/dev/kvm", 0o600)
+    assert "PRECHECK: RLIMIT_MEMLOCK is 0 bytes" in res.stdout, res.stdout + res.stderr
+    assert "RUN: fault ENOMEM" in res.stdout, res.stdout + res.stderr
+    assert "RLIMIT_MEMLOCK" in res.stdout.split("CAUSE:")[1]
