@@ -6,10 +6,10 @@ import re
 
 import pytest
 
-from devices import testdev
 from pyvmm.runloop import ExitKind
 from pyvmm.vm import Vm
 from tests.arm64 import guest, require_arm64_kvm, require_pkvm
+from tests.expected import MEMTOUCH_LINE, MMIO_GUEST_LOG, memtouch_checksum
 
 KINDS = ["normal", "protected"]
 RAM_BASE = 0x8000_0000
@@ -43,18 +43,14 @@ def test_hello(kind):
         assert outcome.kind is ExitKind.POWER_OFF
 
 
-def expected_checksum(start: int, end: int) -> int:
-    return sum(a ^ 0x5A17C0DE9E3779B9 for a in range(start, end, 64)) & (2**64 - 1)
-
-
 def test_memtouch(kind):
     vm, outcome = boot(kind, "memtouch", memory=8 << 20)
     with vm:
-        m = re.fullmatch(r"memtouch: start=0x(\w+) end=0x(\w+) checksum=0x(\w+) errors=0x(\w+)\n", vm.console.text())
+        m = re.fullmatch(MEMTOUCH_LINE, vm.console.text())
         assert m, vm.console.text()
         start, end, checksum, errors = (int(g, 16) for g in m.groups())
         assert (start, end) == (RAM_BASE + (2 << 20), RAM_BASE + (8 << 20))
-        assert checksum == expected_checksum(start, end) and errors == 0
+        assert checksum == memtouch_checksum(start, end) and errors == 0
         assert outcome.kind is ExitKind.GUEST_EXIT and outcome.status == 0
 
 
@@ -63,15 +59,7 @@ def test_mmio_access_sizes(kind):
     with vm:
         assert vm.console.text() == "mmio: ok\n"
         assert outcome.kind is ExitKind.GUEST_EXIT and outcome.status == 0
-        A = testdev.Access
-        assert vm.devices["testdev"].log == [
-            A(0x000, 1, False, 0x50), A(0x000, 2, False, 0x5950), A(0x000, 4, False, 0x4D565950),
-            A(0x000, 8, False, testdev.ID_VALUE),
-            A(0x100, 1, True, 0x11), A(0x100, 1, False, 0x11),
-            A(0x110, 2, True, 0x2233), A(0x110, 2, False, 0x2233),
-            A(0x120, 4, True, 0x44556677), A(0x120, 4, False, 0x44556677),
-            A(0x130, 8, True, 0x8899AABBCCDDEEFF), A(0x130, 8, False, 0x8899AABBCCDDEEFF),
-        ]
+        assert vm.devices["testdev"].log == MMIO_GUEST_LOG
 
 
 @pytest.mark.parametrize("name, expected, text", [

@@ -12,7 +12,7 @@ from pyvmm.kvm.errors import MissingFeature
 from pyvmm.memory.backing import BackingKind
 from pyvmm.runloop import ExitKind
 
-PATTERN = 0x5A17C0DE9E3779B9
+from tests.expected import MEMTOUCH_PATTERN as PATTERN
 MEMORY = 4 << 20
 PROBES = [2 << 20, (3 << 20) + 64 * 7, MEMORY - 64]
 

@@ -7,8 +7,8 @@ import re
 
 import pytest
 
-from devices import testdev
 from pyvmm.runloop import ExitKind
+from tests.expected import MEMTOUCH_LINE, MMIO_GUEST_LOG, memtouch_checksum
 
 
 def test_hello_long_mode(boot_x86):
@@ -31,18 +31,13 @@ def test_hello_two_vcpus_both_halt(boot_x86):
     assert run.outcome.exits["KVM_EXIT_HLT"] == 2
 
 
-def expected_checksum(start: int, end: int) -> int:
-    pattern = 0x5A17C0DE9E3779B9
-    return sum(addr ^ pattern for addr in range(start, end, 64)) & (2**64 - 1)
-
-
 def test_memtouch_checksum(boot_x86):
     run = boot_x86("memtouch", memory=4 << 20)
-    m = re.fullmatch(r"memtouch: start=0x(\w+) end=0x(\w+) checksum=0x(\w+) errors=0x(\w+)\n", run.console)
+    m = re.fullmatch(MEMTOUCH_LINE, run.console)
     assert m, run.console
     start, end, checksum, errors = (int(g, 16) for g in m.groups())
     assert (start, end) == (2 << 20, 4 << 20)
-    assert checksum == expected_checksum(start, end)
+    assert checksum == memtouch_checksum(start, end)
     assert errors == 0
     assert run.outcome.kind is ExitKind.GUEST_EXIT and run.outcome.status == 0
 
@@ -51,18 +46,7 @@ def test_mmio_access_sizes(boot_x86):
     run = boot_x86("mmio")
     assert run.console == "mmio: ok\n"
     assert run.outcome.kind is ExitKind.GUEST_EXIT and run.outcome.status == 0
-    log = run.vm.devices["testdev"].log
-    A = testdev.Access
-    assert log == [
-        A(0x000, 1, False, 0x50),
-        A(0x000, 2, False, 0x5950),
-        A(0x000, 4, False, 0x4D565950),
-        A(0x000, 8, False, testdev.ID_VALUE),
-        A(0x100, 1, True, 0x11), A(0x100, 1, False, 0x11),
-        A(0x110, 2, True, 0x2233), A(0x110, 2, False, 0x2233),
-        A(0x120, 4, True, 0x44556677), A(0x120, 4, False, 0x44556677),
-        A(0x130, 8, True, 0x8899AABBCCDDEEFF), A(0x130, 8, False, 0x8899AABBCCDDEEFF),
-    ]
+    assert run.vm.devices["testdev"].log == MMIO_GUEST_LOG
 
 
 @pytest.mark.parametrize("name, kind, status, text", [
