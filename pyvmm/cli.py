@@ -101,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--cmdline", default=None, help="kernel command line (Linux images)")
     run.add_argument("--initrd", default=None, help="initial ramdisk (Linux images)")
     run.add_argument("--protected", action="store_true", help="arm64: create a pKVM protected VM")
+    run.add_argument("--pvmfw", metavar="FILE", help="arm64 protected VMs on Android's pKVM ABI: the pvmfw image")
+    run.add_argument("--ipa-bits", type=int, default=None, help="arm64: guest physical address size in bits")
     run.add_argument("-q", "--quiet", action="store_true", help="do not echo the guest console")
 
     caps = sub.add_parser("caps", help="show what this host's KVM can do",
@@ -131,10 +133,10 @@ def cmd_run(args) -> int:
     backing = BackingSpec.parse(args.backing)
     regions = [parse_region(r) for r in args.region]
     boot_opts = {"mode": args.boot}
-    for key in ("cmdline", "initrd"):
+    for key in ("cmdline", "initrd", "pvmfw"):
         if getattr(args, key) is not None:
             boot_opts[key] = getattr(args, key)
-    with Kvm(args.kvm_device) as kvm, Vm(protected=args.protected, kvm=kvm) as vm:
+    with Kvm(args.kvm_device) as kvm, Vm(protected=args.protected, kvm=kvm, ipa_bits=args.ipa_bits) as vm:
         if not args.quiet:
             vm.console.echo = stdout_echo
         vm.add_memory(memory, backing)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -67,6 +68,16 @@ def boot_x86(x86_firmware):
 def run_cli(*args, env=None, user=None, timeout=120):
     """Run ``python -m pyvmm ARGS``; returns CompletedProcess with text output."""
     cmd = [sys.executable, "-m", "pyvmm", *args]
-    if user is not None:
+    ids = {}
+    if user is not None and _util_linux_setpriv():
         cmd = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *cmd]
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout)
+    elif user is not None:  # e.g. busybox hosts (the arm64 lab)
+        ids = {"user": user, "group": user, "extra_groups": []}
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout, **ids)
+
+
+def _util_linux_setpriv() -> bool:
+    if shutil.which("setpriv") is None:
+        return False
+    res = subprocess.run(["setpriv", "--version"], capture_output=True, text=True)
+    return "util-linux" in res.stdout

@@ -187,3 +187,31 @@ def test_memlock_limit_without_cap_ipc_lock(pkvm):
     assert "PRECHECK: RLIMIT_MEMLOCK is 0 bytes" in res.stdout, res.stdout + res.stderr
     assert "RUN: fault ENOMEM" in res.stdout, res.stdout + res.stderr
     assert "RLIMIT_MEMLOCK" in res.stdout.split("CAUSE:")[1]
+
+
+def test_pvmfw_needs_the_android_abi(pkvm, tmp_path):
+    fw = tmp_path / "pvmfw.bin"
+    fw.write_bytes(b"\0" * 4096)
+    with Vm(protected=True) as vm:
+        vm.add_memory(8 << 20)
+        vm.create_vcpus(1)
+        if vm.fd.check_extension(uapi.KVM_CAP_ARM_PROTECTED_VM):
+            pytest.skip("this kernel has Android's pKVM ABI")
+        with pytest.raises(Exception, match="Android's pKVM ABI .*upstream protected-VM ABI"):
+            vm.boot(guest("hello"), pvmfw=str(fw))
+
+
+def test_protected_vm_via_cli(pkvm, tmp_path):
+    report = tmp_path / "r.json"
+    res = subprocess.run([sys.executable, "-m", "pyvmm", "run", "--protected", "--backing", "udmabuf",
+                          "-m", "8M", guest("memtouch"), "--report-json", str(report)],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+    if not os.path.exists("/dev/udmabuf"):
+        pytest.skip("no /dev/udmabuf")
+    assert res.returncode == 1, res.stderr
+    assert "pyvmm fault report" in res.stderr and "Traceback" not in res.stderr
+    assert "VM_PFNMAP" in res.stderr and "slot 0 (udmabuf)" in res.stderr
+    import json
+
+    data = json.loads(report.read_text())
+    assert data["report"]["vm_kind"] == "protected" and data["report"]["errno_name"] == "EFAULT"

@@ -107,10 +107,28 @@ class Arm64:
                 "raise it (ulimit -l) or give the VMM CAP_IPC_LOCK"
             )
 
+    def load_pvmfw(self, vm, path: str) -> int:
+        """Android's pKVM ABI: put pvmfw in its own memslot and tell KVM its IPA (KVM_CAP_ARM_PROTECTED_VM,
+        flag SET_FW_IPA).  Upstream pKVM has no pvmfw: that is an error naming the ABI."""
+        if not vm.protected:
+            raise ConfigError("--pvmfw is for protected VMs (--protected)")
+        if not vm.fd.check_extension(uapi.KVM_CAP_ARM_PROTECTED_VM):
+            raise MissingFeature("--pvmfw needs Android's pKVM ABI (KVM_CAP_ARM_PROTECTED_VM, 0xffbadab1); this "
+                                 "kernel has the upstream protected-VM ABI, which has no pvmfw")
+        data = read_image(path)
+        size = (len(data) + (2 << 20) - 1) & ~((2 << 20) - 1)
+        region = vm.add_memory(size, "memfd", gpa=layout.PVMFW)
+        vm.memory.write(region.gpa, data)
+        vm.fd.enable_cap(uapi.KVM_CAP_ARM_PROTECTED_VM, layout.PVMFW,
+                         flags=uapi.KVM_CAP_ARM_PROTECTED_VM_FLAGS_SET_FW_IPA)
+        return region.gpa
+
     def boot(self, vm, image: str | None, mode: str = "auto", cmdline: str = "console=ttyS0 earlycon",
-             initrd: str | None = None, load_addr: int | None = None) -> None:
+             initrd: str | None = None, load_addr: int | None = None, pvmfw: str | None = None) -> None:
         from ...firmware import firmware_path
 
+        if pvmfw is not None:
+            self.load_pvmfw(vm, pvmfw)
         if mode not in ("auto", "linux", "firmware"):
             raise ConfigError(f"unknown boot mode {mode!r} for arm64 (choose from auto, linux, firmware)")
         if not vm.vcpus:

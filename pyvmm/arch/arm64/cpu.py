@@ -22,8 +22,21 @@ FAR_EL1 = a64.ARM64_SYS_REG(3, 0, 6, 0, 0)
 BOOT_PSTATE = a64.PSR_MODE_EL1h | a64.PSR_A_BIT | a64.PSR_I_BIT | a64.PSR_F_BIT | a64.PSR_D_BIT
 
 
-def init_vcpus(vm_fd: VmFd, vcpus: list[VcpuFd], extra_features: tuple[int, ...] = ()) -> None:
-    """KVM_ARM_VCPU_INIT with the preferred target and PSCI 0.2; secondaries start powered off."""
+def default_features(vm_fd: VmFd) -> tuple[int, ...]:
+    """Pointer authentication when KVM offers both halves: a guest that sees it in its ID registers
+    (a protected VM's do) but runs on a vCPU without it takes UNDEF at its first key write."""
+    from ...kvm import uapi
+
+    if vm_fd.check_extension(uapi.KVM_CAP_ARM_PTRAUTH_ADDRESS) and vm_fd.check_extension(uapi.KVM_CAP_ARM_PTRAUTH_GENERIC):
+        return (a64.KVM_ARM_VCPU_PTRAUTH_ADDRESS, a64.KVM_ARM_VCPU_PTRAUTH_GENERIC)
+    return ()
+
+
+def init_vcpus(vm_fd: VmFd, vcpus: list[VcpuFd], extra_features: tuple[int, ...] | None = None) -> None:
+    """KVM_ARM_VCPU_INIT with the preferred target, PSCI 0.2 and ``extra_features`` (default: ptrauth
+    where available); secondaries start powered off."""
+    if extra_features is None:
+        extra_features = default_features(vm_fd)
     for vcpu in vcpus:
         init = vm_fd.arm_preferred_target()
         features = (1 << a64.KVM_ARM_VCPU_PSCI_0_2)

@@ -10,6 +10,7 @@ UART_SPI = 1  # INTID 33
 DEBUG_EXIT = 0x0901_0000
 DEBUG_EXIT_SIZE = 0x1000
 TEST_DEVICE = 0x0A00_0000
+PVMFW = 0x7FE0_0000  # Android pKVM ABI only: pvmfw's own memslot, just below RAM
 RAM_BASE = 0x8000_0000
 MIN_RAM = 4 << 20
 DTB_MAX = 0x10_0000  # the DTB sits in the last 2 MiB of RAM

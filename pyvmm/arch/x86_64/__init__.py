@@ -81,9 +81,11 @@ class X86_64:
         return end
 
     def boot(self, vm, image: str | None, mode: str = "auto", cmdline: str = "console=ttyS0",
-             initrd: str | None = None, load_addr: int | None = None) -> None:
+             initrd: str | None = None, load_addr: int | None = None, pvmfw: str | None = None) -> None:
         from ...firmware import firmware_path
 
+        if pvmfw is not None:
+            raise ConfigError("--pvmfw is for arm64 protected VMs (Android's pKVM ABI)")
         if mode not in BOOT_MODES:
             raise ConfigError(f"unknown boot mode {mode!r} (choose from {', '.join(BOOT_MODES)})")
         if not vm.vcpus:
