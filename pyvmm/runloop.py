@@ -197,16 +197,14 @@ class RunLoop:
 
     def _io(self, vcpu: "VcpuFd", run: uapi.kvm_run) -> None:
         io = run.io
-        total = io.size * io.count
-        data = vcpu.run_bytes(io.data_offset, total)
         bus = self.vm.io_bus
-        for i in range(io.count):
-            chunk = slice(i * io.size, (i + 1) * io.size)
-            if io.direction == uapi.KVM_EXIT_IO_OUT:
-                bus.write(io.port, bytes(data[chunk]))
-            else:
-                data[chunk] = bus.read(io.port, io.size)
-        data.release()
+        with vcpu.run_bytes(io.data_offset, io.size * io.count) as data:
+            for i in range(io.count):  # string I/O (rep ins/outs) carries count items
+                chunk = slice(i * io.size, (i + 1) * io.size)
+                if io.direction == uapi.KVM_EXIT_IO_OUT:
+                    bus.write(io.port, bytes(data[chunk]))
+                else:
+                    data[chunk] = bus.read(io.port, io.size)
 
     def _mmio_in_memslot(self, vcpu: "VcpuFd", run: uapi.kvm_run) -> bool:
         """An MMIO exit for an address inside a memslot means KVM could not reach the host page

@@ -32,7 +32,10 @@ class VcpuFd(AttrMixin, OwnedFd):
     def close(self) -> None:
         if getattr(self, "_map", None) is not None:
             self._run = None  # drop the exported buffer before unmapping
-            self._map.close()
+            try:
+                self._map.close()
+            except BufferError:  # someone still holds a kvm_run view: the mapping goes with the last one
+                pass
             self._map = None
         super().close()
 
