@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass, field
 
 from .arch import machine_name
@@ -145,6 +144,3 @@ def format_caps(caps: HostCaps) -> str:
         out.append(f"  {name:<16} {state}")
     return "\n".join(out)
 
-
-def kvm_available() -> bool:
-    return os.path.exists("/dev/kvm")

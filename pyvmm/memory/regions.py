@@ -179,12 +179,6 @@ class GuestMemory:
             return self.regions[i]
         return None
 
-    def find_hva(self, hva: int) -> MemoryRegion | None:
-        for r in self.regions:
-            if r.hva <= hva < r.hva + r.size:
-                return r
-        return None
-
     @property
     def total(self) -> int:
         return sum(r.size for r in self.regions)
