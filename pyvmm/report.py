@@ -16,7 +16,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
-from . import hostinfo
+from . import hostinfo, hostmem
 from .kvm import uapi
 
 if TYPE_CHECKING:
@@ -245,10 +245,7 @@ def build_report(vm: "Vm", vcpu: "VcpuFd | None", what: str, *, call: str | None
         errno_name=errno_mod.errorcode.get(err) if err else None,
         errno_meaning=os.strerror(err) if err else None,
     )
-    if fault_gpa is not None:
-        region = vm.memory.find(fault_gpa)
-        report.fault_gpa = fault_gpa
-        report.faulting_slot = region.slot if region else None
+    report.fault_gpa = fault_gpa
     if run is not None:
         # memory_fault is valid only when KVM_RUN failed with EFAULT/EHWPOISON and said so in exit_reason.
         if run.exit_reason == uapi.KVM_EXIT_MEMORY_FAULT and err in (errno_mod.EFAULT, errno_mod.EHWPOISON):
@@ -256,15 +253,16 @@ def build_report(vm: "Vm", vcpu: "VcpuFd | None", what: str, *, call: str | None
             report.exit_reason = "KVM_EXIT_MEMORY_FAULT"
             report.memory_fault = {"gpa": mf.gpa, "size": mf.size, "flags": mf.flags,
                                    "private": bool(mf.flags & uapi.KVM_MEMORY_EXIT_FLAG_PRIVATE)}
-            region = vm.memory.find(mf.gpa)
             report.fault_gpa = mf.gpa
-            report.faulting_slot = region.slot if region else None
         if exit_reason is not None:
             report.exit_details = exit_details(run, exit_reason)
         try:
             report.registers = vm.arch.registers(vcpu)
         except Exception as exc:  # registers of a dead vCPU: say so, keep the report
             report.exit_details["registers_unavailable"] = str(exc)
+    if report.fault_gpa is not None:
+        region = vm.memory.find(report.fault_gpa)
+        report.faulting_slot = region.slot if region else None
     report.slots = _slot_infos(vm)
     if report.faulting_slot is None and report.vm_kind == "protected":
         # arm64 has no KVM_EXIT_MEMORY_FAULT: infer the slot when exactly one slot fits the kernel's rule.
@@ -278,7 +276,7 @@ def build_report(vm: "Vm", vcpu: "VcpuFd | None", what: str, *, call: str | None
         if len(fits) == 1:
             report.faulting_slot = fits[0].slot
             report.exit_details["faulting_slot_inferred"] = why
-    report.forced_pages = sorted(p * 4096 for p in vm.memory.forced_pages)
+    report.forced_pages = sorted(p * hostmem.PAGE_SIZE for p in vm.memory.forced_pages)
     report.memlock = asdict(hostinfo.MemlockInfo.read())
     report.kernel_log = vm.kmsg.poll()
     report.kernel_log_unavailable = vm.kmsg.unavailable

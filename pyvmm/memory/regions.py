@@ -28,6 +28,11 @@ FLAG_NAMES = {
 }
 
 
+def pages(gpa: int, size: int) -> range:
+    """Page numbers covering [gpa, gpa+size)."""
+    return range(gpa // hostmem.PAGE_SIZE, (gpa + size - 1) // hostmem.PAGE_SIZE + 1)
+
+
 def flag_names(flags: int) -> list[str]:
     return [name for bit, name in FLAG_NAMES.items() if flags & bit]
 
@@ -197,11 +202,10 @@ class GuestMemory:
 
     def declare_shared(self, gpa: int, size: int = hostmem.PAGE_SIZE, shared: bool = True) -> None:
         """Record that a protected guest shared (or unshared) [gpa, gpa+size) with the host."""
-        pages = range(gpa // hostmem.PAGE_SIZE, (gpa + size - 1) // hostmem.PAGE_SIZE + 1)
         if shared:
-            self.shared_pages.update(pages)
+            self.shared_pages.update(pages(gpa, size))
         else:
-            self.shared_pages.difference_update(pages)
+            self.shared_pages.difference_update(pages(gpa, size))
 
     def protected_guard(self, gpa: int, size: int, write: bool) -> None:
         """After a protected VM has run, its pages are the guest's unless it shared them.
@@ -212,7 +216,7 @@ class GuestMemory:
         """
         if not self.has_run:
             return
-        for page in range(gpa // hostmem.PAGE_SIZE, (gpa + size - 1) // hostmem.PAGE_SIZE + 1):
+        for page in pages(gpa, size):
             if page not in self.shared_pages:
                 raise GuestMemoryError(
                     f"guest page {page * hostmem.PAGE_SIZE:#x} belongs to the protected guest (it has not shared "
@@ -227,9 +231,7 @@ class GuestMemory:
             except GuestMemoryError:
                 if not force:
                     raise
-                last = (gpa + ctypes.sizeof(buf) - 1) // hostmem.PAGE_SIZE
-                self.forced_pages.update(p for p in range(gpa // hostmem.PAGE_SIZE, last + 1)
-                                         if p not in self.shared_pages)
+                self.forced_pages.update(set(pages(gpa, ctypes.sizeof(buf))) - self.shared_pages)
         done = 0
         for region, offset, take in self._chunks(gpa, ctypes.sizeof(buf)):
             piece = (ctypes.c_char * take).from_buffer(buf, done)
