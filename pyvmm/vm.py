@@ -56,6 +56,7 @@ class Vm:
         self.memory: GuestMemory | None = None
         self.kmsg: KmsgWatcher | None = None
         self.on_close: list[Callable[[], None]] = []  # arch-owned fds (GIC...), closed before the VM fd
+        self.irqchip = None  # the in-kernel interrupt controller's device fd, where the arch makes one
         self.dtb: bytes | None = None
         try:
             self.arch = arch or host_arch()

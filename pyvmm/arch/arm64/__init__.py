@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from ...hostinfo import MemlockInfo
 from ...kvm import uapi
-from ...kvm.device import DeviceFd
 from ...kvm.errors import ConfigError, MissingFeature
 from ...kvm.vcpu import VcpuFd
 from ...loader import EM_AARCH64, is_elf, load_elf, load_flat, read_image
@@ -36,9 +35,6 @@ class Arm64:
     ram_base = layout.RAM_BASE
     max_vcpus_cap = uapi.KVM_CAP_MAX_VCPUS
     default_image = "hello"
-
-    def __init__(self):
-        self.gic: DeviceFd | None = None
 
     def vm_type(self, kvm, protected: bool, ipa_bits: int | None) -> int:
         limit = kvm.check_extension(uapi.KVM_CAP_ARM_VM_IPA_SIZE) or DEFAULT_IPA_BITS
@@ -75,13 +71,13 @@ class Arm64:
             vm.memory.access_guard = vm.memory.protected_guard
 
     def _irq(self, vm, spi: int, level: bool) -> None:
-        if self.gic is not None and not vm.fd.closed:
+        if vm.irqchip is not None and not vm.fd.closed:
             vm.fd.irq_line(gic.spi_irq_line(spi), int(level))
 
     def init_vcpus(self, vm) -> None:
         cpu.init_vcpus(vm.fd, vm.vcpus)
-        self.gic = gic.create_gicv3(vm.fd)
-        vm.on_close.append(self.gic.close)
+        vm.irqchip = gic.create_gicv3(vm.fd)  # per VM: an Arch object may serve several VMs
+        vm.on_close.append(vm.irqchip.close)
 
     def _ram_size(self, vm) -> int:
         end = layout.RAM_BASE
