@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from .arch import machine_name
+from .hostinfo import kvm_arm_mode
 from .kvm import Kvm, uapi
 from .kvm.errors import KvmError
 from .memory.backing import backing_availability
@@ -64,22 +65,6 @@ class HostCaps:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def _kernel_cmdline() -> str:
-    try:
-        with open("/proc/cmdline") as f:
-            return f.read()
-    except OSError:
-        return ""
-
-
-def kvm_arm_mode() -> str | None:
-    """kvm-arm.mode from the kernel command line (pKVM needs "protected")."""
-    for word in _kernel_cmdline().split():
-        if word.startswith("kvm-arm.mode="):
-            return word.split("=", 1)[1]
-    return None
 
 
 def protected_vm_support(kvm: Kvm, arch: str) -> ProtectedVmSupport:

@@ -18,7 +18,7 @@ from .caps import format_caps, probe
 from .kvm import Kvm
 from .kvm.errors import ConfigError, PyvmmError
 from .memory.backing import BackingSpec
-from .runloop import ExitKind, Outcome
+from .outcome import ExitKind, Outcome
 from .vm import Vm, stdout_echo
 
 EXIT_BAD_INPUT = 2

@@ -1,5 +1,5 @@
-"""What the host knows about our own process: VMAs from /proc/self/smaps, the
-kernel log from /dev/kmsg, and locked/pinned memory against RLIMIT_MEMLOCK."""
+"""Facts about the host and our own process: the kernel command line (kvm-arm.mode), VMAs from
+/proc/self/smaps, the kernel log from /dev/kmsg, and locked/pinned memory against RLIMIT_MEMLOCK."""
 
 from __future__ import annotations
 
@@ -20,6 +20,22 @@ NOTABLE_VMFLAGS = {
     "sh": "shared",
     "mg": "mergeable (KSM)",
 }
+
+
+def kernel_cmdline() -> str:
+    try:
+        with open("/proc/cmdline") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def kvm_arm_mode() -> str | None:
+    """kvm-arm.mode from the kernel command line (pKVM needs "protected")."""
+    for word in kernel_cmdline().split():
+        if word.startswith("kvm-arm.mode="):
+            return word.split("=", 1)[1]
+    return None
 
 
 @dataclass

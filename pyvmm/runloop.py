@@ -13,17 +13,16 @@ next KVM_RUN, so nothing here clears ``exit_reason`` or the MMIO data.
 from __future__ import annotations
 
 import ctypes
-import enum
 import errno
 import logging
 import signal
 import threading
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from .kvm import uapi
 from .kvm.errors import KvmError
-from .report import FaultReport, build_report
+from .outcome import ExitKind, Outcome
+from .report import build_report
 
 if TYPE_CHECKING:
     from .kvm.vcpu import VcpuFd
@@ -33,33 +32,6 @@ log = logging.getLogger("pyvmm.run")
 
 KICK_SIGNAL = signal.SIGUSR2
 KVM_ENOSYS = 1000  # include/uapi/linux/kvm_para.h
-
-
-class ExitKind(enum.Enum):
-    HALT = "halt"  # every vCPU halted (x86 HLT without an in-kernel irqchip)
-    SHUTDOWN = "shutdown"  # KVM_EXIT_SHUTDOWN: x86 triple fault
-    POWER_OFF = "power-off"  # SYSTEM_EVENT shutdown (e.g. PSCI SYSTEM_OFF)
-    RESET = "reset"  # SYSTEM_EVENT reset, or a reset device
-    CRASH = "crash"  # SYSTEM_EVENT crash
-    GUEST_EXIT = "guest-exit"  # the guest wrote a status to the debug-exit device
-    DEBUG = "debug"  # KVM_EXIT_DEBUG
-    TIMEOUT = "timeout"
-    STOPPED = "stopped"  # the host asked the VM to stop
-    FAULT = "fault"  # KVM_RUN failed, or a failure exit; ``report`` explains
-
-
-@dataclass
-class Outcome:
-    kind: ExitKind
-    vcpu: int | None = None
-    status: int | None = None  # GUEST_EXIT status, SYSTEM_EVENT type...
-    detail: str = ""
-    report: FaultReport | None = None
-    exits: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def failed(self) -> bool:
-        return self.kind in (ExitKind.FAULT, ExitKind.TIMEOUT, ExitKind.CRASH, ExitKind.SHUTDOWN)
 
 
 def _ignore_signal(signum, frame) -> None:

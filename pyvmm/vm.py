@@ -20,7 +20,8 @@ from .kvm.errors import ConfigError
 from .kvm.vcpu import VcpuFd
 from .memory.backing import Backing, BackingSpec
 from .memory.regions import GuestMemory, MemoryRegion
-from .runloop import Outcome, RunLoop
+from .outcome import Outcome
+from .runloop import RunLoop
 
 
 class Console:

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from pyvmm.runloop import ExitKind
+from pyvmm.outcome import ExitKind
 from pyvmm.vm import Vm
 from tests.arm64 import guest, require_arm64_kvm, require_pkvm
 from tests.expected import MEMTOUCH_LINE, MMIO_GUEST_LOG, memtouch_checksum

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from pyvmm.runloop import ExitKind
+from pyvmm.outcome import ExitKind
 from pyvmm.vm import Vm
 from tests.arm64 import require_arm64_kvm, require_pkvm
 

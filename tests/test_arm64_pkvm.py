@@ -12,7 +12,7 @@ import pytest
 
 from pyvmm.kvm import uapi
 from pyvmm.kvm.errors import ConfigError, GuestMemoryError, KvmError
-from pyvmm.runloop import ExitKind
+from pyvmm.outcome import ExitKind
 from pyvmm.vm import Vm
 from tests.arm64 import ROOT, guest, require_arm64_kvm, require_pkvm
 

@@ -10,7 +10,7 @@ import pytest
 
 from pyvmm.kvm.errors import MissingFeature
 from pyvmm.memory.backing import BackingKind
-from pyvmm.runloop import ExitKind
+from pyvmm.outcome import ExitKind
 
 from tests.expected import MEMTOUCH_PATTERN as PATTERN
 MEMORY = 4 << 20

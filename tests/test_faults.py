@@ -9,7 +9,7 @@ import os
 
 from pyvmm import hostmem
 from pyvmm.report import FaultReport, SlotInfo, likely_causes
-from pyvmm.runloop import ExitKind
+from pyvmm.outcome import ExitKind
 from pyvmm.vm import Vm
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from pyvmm.runloop import ExitKind
+from pyvmm.outcome import ExitKind
 from pyvmm.vm import Vm
 
 

@@ -13,7 +13,7 @@ import os
 
 import pytest
 
-from pyvmm.runloop import ExitKind, Outcome
+from pyvmm.outcome import ExitKind, Outcome
 from pyvmm.vm import Vm
 
 KERNEL = os.path.join(os.path.dirname(os.path.dirname(__file__)), ".cache", "linux-x86_64", "vmlinuz")

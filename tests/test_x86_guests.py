@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from pyvmm.runloop import ExitKind
+from pyvmm.outcome import ExitKind
 from tests.expected import MEMTOUCH_LINE, MMIO_GUEST_LOG, memtouch_checksum
 
 

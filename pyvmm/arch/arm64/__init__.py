@@ -13,13 +13,13 @@ Firmware entry registers: x0 = DTB address, x1 = RAM base, x2 = RAM size, x3 = 0
 
 from __future__ import annotations
 
-from ...hostinfo import MemlockInfo
+from ...hostinfo import MemlockInfo, kvm_arm_mode
 from ...kvm import uapi
 from ...kvm.errors import ConfigError, MissingFeature
 from ...kvm.vcpu import VcpuFd
 from ...loader import EM_AARCH64, is_elf, load_elf, load_flat, read_image
 from ...memory.regions import MemoryRules
-from ...runloop import ExitKind, Outcome
+from ...outcome import ExitKind, Outcome
 from . import cpu, fdt, gic, layout, linux
 
 from devices.debug_exit import DebugExit
@@ -42,8 +42,6 @@ class Arm64:
             raise ConfigError(f"IPA size {ipa_bits} bits: this KVM supports 32 to {limit}")
         vm_type = ipa_bits or 0  # 0 = the default 40 bits
         if protected:
-            from ...caps import kvm_arm_mode
-
             if kvm_arm_mode() != "protected":
                 raise MissingFeature("protected VMs need pKVM: boot the host with kvm-arm.mode=protected")
             vm_type |= uapi.KVM_VM_TYPE_ARM_PROTECTED

@@ -15,7 +15,7 @@ from ...kvm.errors import ConfigError
 from ...kvm.vcpu import VcpuFd
 from ...loader import EM_X86_64, is_elf, load_elf, load_flat, read_image
 from ...memory.regions import MemoryRules
-from ...runloop import ExitKind, Outcome
+from ...outcome import ExitKind, Outcome
 from . import cpu, layout, linux
 
 from devices.debug_exit import DebugExit
