@@ -1,8 +1,16 @@
-"""A test device for checking the MMIO path: an ID register and a scratch area.
+"""Test devices for checking the MMIO and port-I/O paths.
 
-Layout: 0x000 ID (8 bytes, read-only, "PYVMMTST" little-endian); 0x100-0x1ff
-scratch (reads return what was written, at any width 1-8).  Every access is
-recorded in ``log`` so a test can assert on exactly what the guest did.
+``MmioTestDevice`` -- layout: 0x000 ID (8 bytes, read-only, "PYVMMTST"
+little-endian); 0x100-0x1ff scratch (reads return what was written, at any
+width 1-8).
+
+``PortTestDevice`` -- ``PORT_SIZE`` ports (x86: at 0x510); writes are kept in
+``written``; a read of N bytes returns the next N bytes of a byte counter
+(``first``, ``first + 1``, ... modulo 256), so a guest's string input
+(``rep insb/insw/insl``) fills memory with a sequence the host can predict.
+
+Both record every access in ``log`` so a test can assert on exactly what the
+guest did.
 """
 
 from __future__ import annotations
@@ -47,3 +55,29 @@ class MmioTestDevice:
             start = offset - SCRATCH_OFFSET
             chunk = data[:SCRATCH_SIZE - start]
             self.scratch[start:start + len(chunk)] = chunk
+
+
+PORT_SIZE = 16
+
+
+class PortTestDevice:
+    def __init__(self, first: int = 1):
+        self.first = first & 0xFF
+        self.next_byte = self.first  # the counter: value of the next byte a read returns
+        self.written = bytearray()
+        self.log: list[Access] = []
+
+    def read(self, offset: int, size: int) -> bytes:
+        data = bytes((self.next_byte + i) & 0xFF for i in range(size))
+        self.next_byte = (self.next_byte + size) & 0xFF
+        self.log.append(Access(offset, size, False, int.from_bytes(data, "little")))
+        return data
+
+    def write(self, offset: int, data: bytes) -> None:
+        self.log.append(Access(offset, len(data), True, int.from_bytes(data, "little")))
+        self.written += data
+
+    @staticmethod
+    def sequence(first: int, length: int) -> bytes:
+        """The bytes ``length`` bytes of reads return, starting from a fresh device with ``first``."""
+        return bytes((first + i) & 0xFF for i in range(length))

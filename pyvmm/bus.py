@@ -2,7 +2,8 @@
 
 Devices see only ``read(offset, size) -> bytes`` and ``write(offset, data)``;
 they never see KVM.  An access nobody claims reads as zeros and is logged once
-per address, as crosvm does.
+per address, as crosvm does; so is an access that starts inside a device but runs
+past its end (a device only ever sees offsets within its own range).
 """
 
 from __future__ import annotations
@@ -77,32 +78,41 @@ class Bus:
     def ranges(self) -> list[BusRange]:
         return list(self._ranges)
 
-    def _unclaimed(self, addr: int, size: int, is_write: bool) -> None:
-        self.unclaimed_count += 1
-        key = (addr, is_write)
-        if key in self._unclaimed_seen or len(self._unclaimed_seen) > MAX_LOGGED_ADDRESSES:
-            return
-        self._unclaimed_seen.add(key)
-        if len(self._unclaimed_seen) > MAX_LOGGED_ADDRESSES:
+    def _unclaimed(self, addr: int, size: int, is_write: bool, straddles: BusRange | None = None) -> None:
+        with self._lock:
+            self.unclaimed_count += 1
+            key = (addr, is_write)
+            if key in self._unclaimed_seen or len(self._unclaimed_seen) > MAX_LOGGED_ADDRESSES:
+                return
+            self._unclaimed_seen.add(key)
+            too_many = len(self._unclaimed_seen) > MAX_LOGGED_ADDRESSES
+        if too_many:
             log.warning("%s bus: more than %d unclaimed addresses; not logging further ones",
                         self.name, MAX_LOGGED_ADDRESSES)
-        else:
-            log.warning("%s bus: unclaimed %s of %d bytes at %#x%s", self.name,
-                        "write" if is_write else "read", size, addr, "" if is_write else " (reads as 0)")
+            return
+        why = f" (runs past the end of {straddles.name} at {straddles.end:#x})" if straddles else ""
+        log.warning("%s bus: unclaimed %s of %d bytes at %#x%s%s", self.name, "write" if is_write else "read",
+                    size, addr, why, "" if is_write else " (reads as 0)")
+
+    def _claim(self, addr: int, size: int, is_write: bool) -> BusRange | None:
+        """The device that owns the whole access [addr, addr+size), or None (counted as unclaimed)."""
+        entry = self.find(addr)
+        if entry is not None and addr + size <= entry.end:
+            return entry
+        self._unclaimed(addr, size, is_write, entry)
+        return None
 
     def read(self, addr: int, size: int) -> bytes:
-        entry = self.find(addr)
+        entry = self._claim(addr, size, False)
         if entry is None:
-            self._unclaimed(addr, size, False)
             return bytes(size)
         with self._lock:
             data = entry.device.read(addr - entry.base, size)
         return bytes(data[:size]).ljust(size, b"\0")
 
     def write(self, addr: int, data: bytes) -> None:
-        entry = self.find(addr)
+        entry = self._claim(addr, len(data), True)
         if entry is None:
-            self._unclaimed(addr, len(data), True)
             return
         with self._lock:
             entry.device.write(addr - entry.base, bytes(data))

@@ -39,6 +39,37 @@ CAPABILITIES = [
     ("KVM_CAP_ARM_PROTECTED_VM", uapi.KVM_CAP_ARM_PROTECTED_VM, True),
 ]
 
+# The few capabilities a fault report records (name, capability, asked on the VM fd): what decides
+# how KVM reports a memory fault and which memory the VM may have.  On the VM fd where the answer
+# depends on the VM (pKVM hides most capabilities from a protected VM: kvm_pkvm_ext_allowed).
+REPORT_CAPABILITIES = [
+    ("KVM_CAP_MEMORY_FAULT_INFO", uapi.KVM_CAP_MEMORY_FAULT_INFO, False),
+    ("KVM_CAP_USER_MEMORY2", uapi.KVM_CAP_USER_MEMORY2, True),
+    ("KVM_CAP_GUEST_MEMFD", uapi.KVM_CAP_GUEST_MEMFD, False),
+    ("KVM_CAP_MEMORY_ATTRIBUTES", uapi.KVM_CAP_MEMORY_ATTRIBUTES, True),
+    ("KVM_CAP_READONLY_MEM", uapi.KVM_CAP_READONLY_MEM, True),
+    ("KVM_CAP_NR_MEMSLOTS", uapi.KVM_CAP_NR_MEMSLOTS, True),
+    ("KVM_CAP_MAX_VCPUS", uapi.KVM_CAP_MAX_VCPUS, True),
+    ("KVM_CAP_ARM_VM_IPA_SIZE", uapi.KVM_CAP_ARM_VM_IPA_SIZE, False),
+    ("KVM_CAP_ARM_NISV_TO_USER", uapi.KVM_CAP_ARM_NISV_TO_USER, True),
+]
+
+
+def report_caps(kvm: Kvm, vm=None, arch: str | None = None) -> dict[str, int]:
+    """KVM_CHECK_EXTENSION answers for a fault report (VM-fd questions asked on ``vm`` when given)."""
+    arch = arch or machine_name()
+    out: dict[str, int] = {}
+    for name, cap, on_vm in REPORT_CAPABILITIES:
+        if name.startswith("KVM_CAP_ARM_") and arch != "arm64":
+            continue
+        fd = vm if on_vm and vm is not None and not getattr(vm, "closed", False) else kvm
+        try:
+            out[name] = fd.check_extension(cap)
+        except (KvmError, OSError, ValueError):
+            out[name] = -1  # could not ask
+    return out
+
+
 X86_VM_TYPES = {0: "KVM_X86_DEFAULT_VM", 1: "KVM_X86_SW_PROTECTED_VM", 2: "KVM_X86_SEV_VM",
                 3: "KVM_X86_SEV_ES_VM", 4: "KVM_X86_SNP_VM", 5: "KVM_X86_TDX_VM"}
 

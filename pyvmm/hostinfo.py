@@ -1,11 +1,15 @@
-"""Facts about the host and our own process: the kernel command line (kvm-arm.mode), VMAs from
-/proc/self/smaps, the kernel log from /dev/kmsg, and locked/pinned memory against RLIMIT_MEMLOCK."""
+"""Facts about the host and our own process: the host's identity (kernel release, kvm-arm.mode, CPU
+model, pyvmm version), VMAs from /proc/self/smaps, the kernel log from /dev/kmsg (records with their
+sequence numbers and timestamps, and which of them belong to this process), and locked/pinned memory
+against RLIMIT_MEMLOCK."""
 
 from __future__ import annotations
 
 import errno
 import os
+import re
 import resource
+import time
 from dataclasses import asdict, dataclass, field
 
 # VmFlags worth calling out in a fault report (see Documentation/filesystems/proc.rst).
@@ -36,6 +40,106 @@ def kvm_arm_mode() -> str | None:
         if word.startswith("kvm-arm.mode="):
             return word.split("=", 1)[1]
     return None
+
+
+def monotonic_us() -> int:
+    """CLOCK_MONOTONIC in microseconds (the clock /dev/kmsg timestamps count, give or take suspend)."""
+    return time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+
+
+ARM_IMPLEMENTERS = {0x41: "Arm", 0x42: "Broadcom", 0x43: "Cavium", 0x46: "Fujitsu", 0x48: "HiSilicon",
+                    0x4E: "NVIDIA", 0x51: "Qualcomm", 0x61: "Apple", 0x69: "Intel", 0xC0: "Ampere"}
+
+
+def cpu_model(cpuinfo: str | None = None, midr_path: str = "/sys/devices/system/cpu/cpu0/regs/identification/midr_el1"
+              ) -> dict:
+    """x86: {"model_name": ...}; arm64: implementer/part/variant/revision (from /proc/cpuinfo, else MIDR_EL1)."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError as err:
+            return {"unavailable": f"/proc/cpuinfo: {err.strerror}"}
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        key, sep, value = line.partition(":")
+        if not sep:
+            if fields:
+                break  # first processor only
+            continue
+        fields.setdefault(key.strip(), value.strip())
+    if "model name" in fields:
+        out = {"model_name": fields["model name"]}
+        for key in ("vendor_id", "cpu family", "model", "stepping", "microcode"):
+            if key in fields:
+                out[key.replace(" ", "_")] = fields[key]
+        return out
+    arm = {"implementer": "CPU implementer", "variant": "CPU variant", "part": "CPU part", "revision": "CPU revision"}
+    out: dict = {}
+    for name, key in arm.items():
+        if key in fields:
+            try:
+                out[name] = int(fields[key], 0)
+            except ValueError:
+                out[name] = fields[key]
+    if not out:
+        try:
+            with open(midr_path) as f:
+                midr = int(f.read().strip(), 16)
+            out = {"implementer": midr >> 24 & 0xFF, "variant": midr >> 20 & 0xF, "part": midr >> 4 & 0xFFF,
+                   "revision": midr & 0xF, "midr_el1": midr}
+        except (OSError, ValueError):
+            return {"unavailable": "no model name, CPU implementer or MIDR_EL1 found"}
+    if isinstance(out.get("implementer"), int):
+        out["implementer_name"] = ARM_IMPLEMENTERS.get(out["implementer"], "unknown")
+    return out
+
+
+def pyvmm_version() -> str:
+    """The installed distribution's version, else pyproject.toml's (a source checkout)."""
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+
+        return version("pyvmm")
+    except (ImportError, PackageNotFoundError):
+        pass
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "pyproject.toml")
+    try:
+        import tomllib
+
+        with open(path, "rb") as f:
+            return tomllib.load(f)["project"]["version"] + " (source tree)"
+    except (OSError, KeyError, ValueError, ImportError):
+        return "unknown"
+
+
+@dataclass
+class HostIdentity:
+    kernel_release: str
+    kernel_version: str
+    machine: str
+    kvm_arm_mode: str | None
+    cpu: dict
+    pyvmm_version: str
+    caps: dict[str, int] = field(default_factory=dict)  # a handful of KVM_CHECK_EXTENSION answers
+
+    @classmethod
+    def read(cls, caps: dict[str, int] | None = None) -> "HostIdentity":
+        u = os.uname()
+        return cls(u.release, u.version, u.machine, kvm_arm_mode(), cpu_model(), pyvmm_version(), dict(caps or {}))
+
+    def cpu_text(self) -> str:
+        c = self.cpu
+        if "model_name" in c:
+            return c["model_name"]
+        if "part" in c:
+            impl = c.get("implementer")
+            impl_text = f"{impl:#x}" if isinstance(impl, int) else str(impl)
+            part = c["part"]
+            return (f"implementer {impl_text} ({c.get('implementer_name', '?')}) part "
+                    f"{part:#x}" if isinstance(part, int) else f"implementer {impl_text} part {part}") + \
+                f" variant {c.get('variant', '?')} revision {c.get('revision', '?')}"
+        return c.get("unavailable", "unknown")
 
 
 @dataclass
@@ -102,17 +206,125 @@ class MemlockInfo:
                    fields.get("VmLck", 0), fields.get("VmPin", 0), bool(cap_eff & (1 << 14)))
 
 
-class KmsgWatcher:
-    """Kernel log lines printed after ``start()`` (reads /dev/kmsg from its end).
+@dataclass
+class KmsgRecord:
+    """One /dev/kmsg record (Documentation/ABI/testing/dev-kmsg)."""
 
-    Where /dev/kmsg cannot be read, ``unavailable`` says why.
+    seq: int
+    ts_us: int  # the kernel's timestamp in microseconds (local_clock: CLOCK_MONOTONIC, give or take suspend)
+    level: int
+    facility: int
+    text: str
+    caller: str | None = None  # "T<tid>" (a task) or "C<cpu>" (interrupt context), with CONFIG_PRINTK_CALLER
+
+    @classmethod
+    def parse(cls, raw: bytes) -> "KmsgRecord | None":
+        prefix, sep, message = raw.decode(errors="replace").partition(";")
+        if not sep:
+            return None
+        parts = prefix.split(",")
+        try:
+            prio, seq, ts = int(parts[0]), int(parts[1]), int(parts[2])
+        except (IndexError, ValueError):
+            return None
+        caller = next((p[len("caller="):] for p in parts[4:] if p.startswith("caller=")), None)
+        # continuation lines (" KEY=value") are metadata, not text
+        return cls(seq, ts, prio & 7, prio >> 3, message.split("\n", 1)[0], caller)
+
+    @property
+    def caller_tid(self) -> int | None:
+        if self.caller and self.caller.startswith("T") and self.caller[1:].isdigit():
+            return int(self.caller[1:])
+        return None
+
+    def line(self) -> str:
+        return f"[{self.ts_us / 1e6:12.6f}] {self.text}"
+
+
+# Ways a kernel message names a task: "kvm [1234]: ..." (kvm_pr_unimpl and friends), "CPU: 3 PID: 5276 Comm:
+# crosvm_vcpu0" (dump_stack), "pid 42", "pid=42", "Bad page map in process crosvm_vcpu0".
+_PID_PATTERNS = [re.compile(r"\bkvm \[(\d+)\]"), re.compile(r"\bPID: (\d+)"),
+                 re.compile(r"\bpid[ =:]\s*(\d+)", re.IGNORECASE)]
+_COMM_PATTERNS = [re.compile(r"\bComm: (\S+)"), re.compile(r"\bin process (\S+)"), re.compile(r"\bcomm[ =:]\s*(\S+)")]
+
+
+def named_tasks(text: str) -> tuple[set[int], set[str]]:
+    """The pids and comms a kernel message names."""
+    pids = {int(m.group(1)) for p in _PID_PATTERNS for m in p.finditer(text)}
+    comms = {m.group(1).strip('",') for p in _COMM_PATTERNS for m in p.finditer(text)}
+    return pids, comms
+
+
+@dataclass
+class KmsgFilter:
+    """Which tasks are this VM's: the VMM's pid, its threads' tids and their names."""
+
+    pid: int
+    tids: set[int] = field(default_factory=set)
+    names: set[str] = field(default_factory=set)
+
+    @classmethod
+    def for_this_process(cls, vcpu_tids: dict[int, int] | None = None) -> "KmsgFilter":
+        pid = os.getpid()
+        tids = set((vcpu_tids or {}).values())
+        names = {f"pyvmm-vcpu{i}" for i in (vcpu_tids or {})}
+        for tid_dir in _listdir("/proc/self/task"):
+            if tid_dir.isdigit():
+                tids.add(int(tid_dir))
+                names.add(_read_first_line(f"/proc/self/task/{tid_dir}/comm"))
+        names.add(_read_first_line("/proc/self/comm"))
+        names.discard("")
+        return cls(pid, tids, names)
+
+    def ours(self, record: KmsgRecord) -> bool | None:
+        """True: names this VMM; False: names another task; None: names nobody (kept)."""
+        pids, comms = named_tasks(record.text)
+        if pids:
+            return bool(pids & ({self.pid} | self.tids))
+        if comms:
+            return bool(comms & self.names)
+        tid = record.caller_tid
+        if tid is not None:
+            return tid == self.pid or tid in self.tids
+        return None
+
+
+def filter_kmsg(records: list[KmsgRecord], flt: KmsgFilter) -> tuple[list[KmsgRecord], int]:
+    """Keep this VM's records and those naming nobody; returns (kept, number dropped)."""
+    kept = [r for r in records if flt.ours(r) is not False]
+    return kept, len(records) - len(kept)
+
+
+def _listdir(path: str) -> list[str]:
+    try:
+        return os.listdir(path)
+    except OSError:
+        return []
+
+
+def _read_first_line(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.readline().strip()
+    except OSError:
+        return ""
+
+
+class KmsgWatcher:
+    """Kernel log records printed after the watcher was made (reads /dev/kmsg from its end).
+
+    ``records`` keeps every record with its sequence number and timestamp; ``lost`` counts records
+    the ring buffer overwrote before we read them (EPIPE, or a gap in the sequence numbers).  Where
+    /dev/kmsg cannot be read, ``unavailable`` says why.
     """
 
     def __init__(self, path: str = "/dev/kmsg"):
         self.path = path
         self.fd = -1
         self.unavailable: str | None = None
-        self.lines: list[str] = []
+        self.records: list[KmsgRecord] = []
+        self.lost = 0
+        self._next_seq: int | None = None
         try:
             self.fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
             os.lseek(self.fd, 0, os.SEEK_END)
@@ -123,26 +335,40 @@ class KmsgWatcher:
             hint = " (needs CAP_SYSLOG or kernel.dmesg_restrict=0)" if err.errno in (errno.EPERM, errno.EACCES) else ""
             self.unavailable = f"cannot read {path}: {err.strerror}{hint}"
 
-    def poll(self) -> list[str]:
+    def poll_records(self) -> list[KmsgRecord]:
         """Collect records printed since the last poll; returns all collected so far."""
         while self.fd >= 0:
             try:
-                record = os.read(self.fd, 8192)
+                raw = os.read(self.fd, 8192)
             except BlockingIOError:
                 break
             except OSError as err:
-                if err.errno == errno.EPIPE:  # overwritten before we read it
-                    self.lines.append("[pyvmm: some kernel log records were lost]")
+                if err.errno == errno.EPIPE:  # overwritten before we read it; the next read resyncs
+                    self.lost += 1 if self._next_seq is None else 0
                     continue
                 break
-            if not record:
+            if not raw:
                 break
-            prefix, _, message = record.decode(errors="replace").partition(";")
-            parts = prefix.split(",")
-            stamp = f"[{int(parts[2]) / 1e6:12.6f}] " if len(parts) > 2 and parts[2].isdigit() else ""
-            # continuation lines (" KEY=value") are metadata, not text
-            self.lines.append(stamp + message.split("\n", 1)[0])
-        return list(self.lines)
+            self.accept(raw)
+        return list(self.records)
+
+    def accept(self, raw: bytes) -> None:
+        """Keep one raw record; a gap in the sequence numbers counts as lost records."""
+        record = KmsgRecord.parse(raw)
+        if record is None:
+            return
+        if self._next_seq is not None and record.seq > self._next_seq:
+            self.lost += record.seq - self._next_seq
+        self._next_seq = record.seq + 1
+        self.records.append(record)
+
+    def poll(self) -> list[str]:
+        """The records as text lines (compatibility)."""
+        return [r.line() for r in self.poll_records()]
+
+    @property
+    def lines(self) -> list[str]:
+        return [r.line() for r in self.records]
 
     def close(self) -> None:
         if self.fd >= 0:

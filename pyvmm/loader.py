@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import struct
 from dataclasses import dataclass
+from typing import Sequence
 
 from .kvm.errors import ConfigError
 from .memory.regions import GuestMemory
@@ -42,7 +43,14 @@ def is_elf(data: bytes) -> bool:
     return data[:4] == ELF_MAGIC
 
 
-def _check_fits(memory: GuestMemory, what: str, gpa: int, size: int) -> None:
+Avoid = Sequence[tuple[int, int, str]]  # (start, end, what): ranges an image must not overlap
+
+
+def _check_fits(memory: GuestMemory, what: str, gpa: int, size: int, avoid: Avoid = ()) -> None:
+    for start, end, name in avoid:
+        if gpa < end and start < gpa + size:
+            raise ConfigError(f"{what} [{gpa:#x}, {gpa + size:#x}) overlaps {name} at [{start:#x}, {end:#x}); "
+                              "load it elsewhere")
     pos = gpa
     while pos < gpa + size:
         region = memory.find(pos)
@@ -52,13 +60,13 @@ def _check_fits(memory: GuestMemory, what: str, gpa: int, size: int) -> None:
         pos = region.end
 
 
-def load_flat(memory: GuestMemory, data: bytes, gpa: int, what: str = "image") -> LoadedImage:
-    _check_fits(memory, what, gpa, len(data))
+def load_flat(memory: GuestMemory, data: bytes, gpa: int, what: str = "image", avoid: Avoid = ()) -> LoadedImage:
+    _check_fits(memory, what, gpa, len(data), avoid)
     memory.write(gpa, data)
     return LoadedImage(entry=gpa, low=gpa, high=gpa + len(data))
 
 
-def load_elf(memory: GuestMemory, data: bytes, what: str = "ELF image") -> LoadedImage:
+def load_elf(memory: GuestMemory, data: bytes, what: str = "ELF image", avoid: Avoid = ()) -> LoadedImage:
     if len(data) < 52 or not is_elf(data):
         raise ConfigError(f"{what}: not an ELF file")
     elf_class, endian = data[4], data[5]
@@ -90,7 +98,10 @@ def load_elf(memory: GuestMemory, data: bytes, what: str = "ELF image") -> Loade
             continue
         if p_offset + p_filesz > len(data):
             raise ConfigError(f"{what}: segment {i} extends past the end of the file")
-        _check_fits(memory, f"{what} segment {i}", p_paddr, p_memsz)
+        if p_memsz < p_filesz:
+            raise ConfigError(f"{what}: segment {i} is malformed: p_memsz {p_memsz:#x} is smaller than "
+                              f"p_filesz {p_filesz:#x}")
+        _check_fits(memory, f"{what} segment {i}", p_paddr, p_memsz, avoid)
         memory.write(p_paddr, data[p_offset:p_offset + p_filesz] + bytes(p_memsz - p_filesz))
         low = p_paddr if low is None else min(low, p_paddr)
         high = p_paddr + p_memsz if high is None else max(high, p_paddr + p_memsz)

@@ -1,11 +1,14 @@
 """Fault reports: what went wrong when KVM_RUN failed or the VM exited with a failure.
 
-A report gathers the errno and its meaning, the VM type, the vCPU's registers,
-the memory-fault fields (only when the exit reason is KVM_EXIT_MEMORY_FAULT,
-since they are stale otherwise), every memslot with its backing, host address
-range and VMA flags, RLIMIT_MEMLOCK with locked/pinned usage, the kernel log
-lines printed since the VM was created, and a likely cause drawn from the
-kernel's own rules.  ``text()`` is for people, ``to_json()`` for tools.
+A report gathers the host's identity (kernel release, kvm-arm.mode, CPU model, pyvmm version, the KVM
+capabilities that matter), the errno and its meaning, the VM type, the registers of every vCPU
+(refused ones shown as refused, with the reason) and the code bytes at each PC, the memory-fault
+fields (only when the exit reason is KVM_EXIT_MEMORY_FAULT, since they are stale otherwise), every
+memslot with its backing, what its pages are (swap-backed, PFN-mapped, hugetlb, file), host address
+range and VMA flags, RLIMIT_MEMLOCK with locked/pinned usage, the exit counts, the console's last
+lines, this VM's kernel log records (sequence numbers and timestamps, beside the fault's own
+CLOCK_MONOTONIC time), and the likely causes drawn from the kernel's own rules (for protected VMs,
+``pyvmm.arch.arm64.pkvm``).  ``text()`` is for people (one screen), ``to_json()`` for tools (everything).
 """
 
 from __future__ import annotations
@@ -13,11 +16,14 @@ from __future__ import annotations
 import errno as errno_mod
 import json
 import os
-from dataclasses import asdict, dataclass, field
+import threading
+import time
+from dataclasses import asdict, dataclass, field, is_dataclass
 from typing import TYPE_CHECKING
 
 from . import hostinfo, hostmem
 from .kvm import uapi
+from .kvm.errors import GuestMemoryError
 
 if TYPE_CHECKING:
     from .kvm.vcpu import VcpuFd
@@ -34,10 +40,34 @@ class SlotInfo:
     hva: int
     vmas: list[dict]
     backing_details: dict
+    nature: dict = field(default_factory=dict)  # Backing.nature(): swap_backed, pfn_mapped, hugetlb, file_path...
+    vmas_error: str | None = None  # /proc/self/smaps could not be read: the VMAs are unknown, not absent
 
     @property
     def vmflags(self) -> set[str]:
         return {f for v in self.vmas for f in v["vmflags"]}
+
+
+@dataclass
+class VcpuInfo:
+    """One vCPU at the time of the report: registers (refused ones with the reason), the code at its PC."""
+
+    vcpu: int
+    faulting: bool = False
+    tid: int | None = None
+    state: str | None = None
+    registers: dict[str, int] = field(default_factory=dict)
+    refused: dict[str, str] = field(default_factory=dict)  # register -> why KVM would not give it
+    events: dict = field(default_factory=dict)
+    unavailable: str | None = None  # no registers at all, and why
+    code_gpa: int | None = None
+    code_bytes: str | None = None  # hex, CODE_BYTES from code_gpa
+    code_unavailable: str | None = None
+
+
+CODE_BYTES = 16
+KMSG_TEXT_LINES = 12
+CONSOLE_LINES = 20
 
 
 @dataclass
@@ -52,15 +82,25 @@ class FaultReport:
     errno: int | None = None
     errno_name: str | None = None
     errno_meaning: str | None = None
-    registers: dict[str, int] = field(default_factory=dict)
+    registers: dict[str, int] = field(default_factory=dict)  # the faulting vCPU's (also in ``vcpus``)
+    vcpus: list[VcpuInfo] = field(default_factory=list)
     memory_fault: dict | None = None
     exit_details: dict = field(default_factory=dict)
     fault_gpa: int | None = None
     faulting_slot: int | None = None
+    faulting_slot_inferred: str | None = None  # set when the slot was inferred (no exit named it): why
     forced_pages: list[int] = field(default_factory=list)  # guest-owned pages the VMM touched with force=True
     slots: list[SlotInfo] = field(default_factory=list)
+    smaps_error: str | None = None
     memlock: dict = field(default_factory=dict)
-    kernel_log: list[str] = field(default_factory=list)
+    host: dict = field(default_factory=dict)  # hostinfo.HostIdentity
+    fault_time_us: int | None = None  # CLOCK_MONOTONIC, µs: compare with the kernel log's timestamps
+    exit_counts: dict[str, int] = field(default_factory=dict)
+    console_tail: list[str] = field(default_factory=list)
+    kernel_log: list[str] = field(default_factory=list)  # this VM's lines (and those naming nobody)
+    kernel_log_records: list[dict] = field(default_factory=list)  # the same, with seq, ts_us, level, caller
+    kernel_log_dropped: int = 0  # records naming another process
+    kernel_log_lost: int = 0  # records overwritten before pyvmm read them
     kernel_log_unavailable: str | None = None
     likely_cause: list[str] = field(default_factory=list)
 
@@ -78,104 +118,197 @@ class FaultReport:
         out = ["=" * 72, f"pyvmm fault report: {self.what}", "=" * 72]
         out.append(f"VM: {self.vm_kind} ({self.arch}, KVM_CREATE_VM type {self.vm_type:#x})"
                    + (f", vCPU {self.vcpu}" if self.vcpu is not None else ""))
+        h = self.host
+        if h:
+            cpu = h.get("cpu_text") or "?"
+            out.append(f"host: Linux {h.get('kernel_release')} {h.get('machine')}"
+                       + (f", kvm-arm.mode={h['kvm_arm_mode']}" if h.get("kvm_arm_mode") else "")
+                       + f", CPU {cpu}, pyvmm {h.get('pyvmm_version')}")
         if self.call:
             out.append(f"call: {self.call} -> {self.errno_name} ({self.errno_meaning})")
         if self.exit_reason:
             out.append(f"exit reason: {self.exit_reason}")
         for key, value in self.exit_details.items():
+            if key == "faulting_slot_inferred":  # shown with the faulting address
+                continue
             out.append(f"  {key}: {value:#x}" if isinstance(value, int) else f"  {key}: {value}")
-        if self.fault_gpa is not None:
-            out.append(f"faulting guest address: {self.fault_gpa:#x}"
-                       + (f" (slot {self.faulting_slot})" if self.faulting_slot is not None else " (no memslot)"))
+        if self.fault_gpa is not None or self.faulting_slot is not None:
+            where = ("(no memslot)" if self.faulting_slot is None else f"(slot {self.faulting_slot}"
+                     + (f", {self.faulting_slot_inferred})" if self.faulting_slot_inferred else ")"))
+            gpa = f"{self.fault_gpa:#x}" if self.fault_gpa is not None else "unknown"
+            out.append(f"faulting guest address: {gpa} {where}")
         if self.memory_fault:
             mf = self.memory_fault
             out.append(f"memory fault: gpa {mf['gpa']:#x} size {mf['size']:#x} flags {mf['flags']:#x}"
-                       + (" (private)" if mf["private"] else ""))
-        if self.registers:
-            regs = [f"{k}={v:#x}" for k, v in self.registers.items()]
-            out.append("registers:")
-            out.extend("  " + "  ".join(regs[i:i + 4]) for i in range(0, len(regs), 4))
+                       + (" (private)" if mf["private"] else " (shared)"))
+        for v in self.vcpus:
+            out.extend(_vcpu_text(v))
         out.append("memslots:")
         for s in self.slots:
-            mark = "  <-- faulting slot" if s.slot == self.faulting_slot else ""
+            mark = ""
+            if s.slot == self.faulting_slot:
+                mark = "  <-- faulting slot" + (" (inferred)" if self.faulting_slot_inferred else "")
+            nature = [k for k in ("pfn_mapped", "hugetlb") if s.nature.get(k)]
+            if s.nature.get("swap_backed") is False:
+                nature.append("not swap-backed")
             out.append(f"  slot {s.slot}: gpa [{s.gpa:#x}, {s.gpa + s.size:#x}) {s.backing}"
-                       f" flags={','.join(s.flags) or '-'} hva {s.hva:#x}{mark}")
+                       f" flags={','.join(s.flags) or '-'} hva {s.hva:#x}"
+                       + (f" [{', '.join(nature)}]" if nature else "") + mark)
             for v in s.vmas:
                 notable = ", ".join(f"{k} ({d})" for k, d in v["notable"].items())
                 out.append(f"    VMA {v['start']:#x}-{v['end']:#x} {v['perms']} {v['path'] or '[anon]'}")
                 out.append(f"      VmFlags: {' '.join(v['vmflags'])}" + (f"  [{notable}]" if notable else ""))
-            if not s.vmas:
+            if s.vmas_error:
+                out.append(f"    VMAs unknown: {s.vmas_error}")
+            elif not s.vmas:
                 out.append("    no VMA covers this slot's host range (unmapped?)")
         ml = self.memlock
         if ml:
-            lim = "unlimited" if ml["rlimit_soft"] is None else f"{ml['rlimit_soft']} bytes"
-            out.append(f"RLIMIT_MEMLOCK: {lim}; VmLck {ml['vm_lck_kb']} kB, VmPin {ml['vm_pin_kb']} kB;"
-                       f" CAP_IPC_LOCK {'yes' if ml['cap_ipc_lock'] else 'no'}")
-        out.append("kernel log since the VM was created:")
-        if self.kernel_log_unavailable:
-            out.append(f"  ({self.kernel_log_unavailable})")
-        elif not self.kernel_log:
-            out.append("  (nothing)")
-        out.extend("  " + line for line in self.kernel_log[-40:])
+            lim = "unlimited" if ml.get("rlimit_soft") is None else f"{ml['rlimit_soft']} bytes"
+            out.append(f"RLIMIT_MEMLOCK: {lim}; VmLck {ml.get('vm_lck_kb', '?')} kB, VmPin {ml.get('vm_pin_kb', '?')} kB;"
+                       f" CAP_IPC_LOCK {'yes' if ml.get('cap_ipc_lock') else 'no'}")
+        if self.exit_counts:
+            out.append("exits: " + ", ".join(f"{k.removeprefix('KVM_EXIT_')} {n}" for k, n in
+                                             sorted(self.exit_counts.items(), key=lambda kv: -kv[1])))
+        if self.console_tail:
+            out.append(f"console (last {len(self.console_tail)} lines):")
+            out.extend("  | " + line for line in self.console_tail)
+        out.extend(self._kernel_log_text())
         out.append("likely cause:")
         out.extend("  - " + c for c in self.likely_cause or ["unknown"])
         return "\n".join(out)
 
+    def _kernel_log_text(self) -> list[str]:
+        head = "kernel log since the VM was created"
+        if self.fault_time_us is not None:
+            head += f" (fault at [{self.fault_time_us / 1e6:12.6f}] CLOCK_MONOTONIC)"
+        out = [head + ":"]
+        if self.kernel_log_unavailable:
+            out.append(f"  ({self.kernel_log_unavailable})")
+        elif not self.kernel_log:
+            out.append("  (nothing)")
+        notes = []
+        if len(self.kernel_log) > KMSG_TEXT_LINES:
+            notes.append(f"{len(self.kernel_log) - KMSG_TEXT_LINES} earlier lines cut here (all in the JSON report)")
+        if self.kernel_log_lost:
+            notes.append(f"{self.kernel_log_lost} record(s) lost: overwritten in the kernel's ring buffer before "
+                         "pyvmm read them (EPIPE)")
+        if self.kernel_log_dropped:
+            notes.append(f"{self.kernel_log_dropped} line(s) naming other processes left out")
+        out.extend(f"  ({n})" for n in notes)
+        out.extend("  " + line for line in self.kernel_log[-KMSG_TEXT_LINES:])
+        return out
 
-def _slot_infos(vm: "Vm") -> list[SlotInfo]:
+
+def _vcpu_text(v: VcpuInfo) -> list[str]:
+    head = f"vCPU {v.vcpu}" + (" (faulting)" if v.faulting else "") + (f" [{v.state}]" if v.state else "")
+    if v.unavailable:
+        return [f"{head}: registers unavailable: {v.unavailable}"]
+    regs = [f"{k}={val:#x}" for k, val in v.registers.items()]
+    out = [f"{head}:"]
+    if v.faulting or len(regs) <= 8:
+        out.extend("  " + "  ".join(regs[i:i + 4]) for i in range(0, len(regs), 4))
+    else:  # the others: a line, the rest in the JSON report
+        pcs = [r for r in regs if r.split("=")[0] in ("rip", "pc", "rsp", "sp", "rflags", "pstate", "cr0", "cr3")]
+        out.append("  " + "  ".join(pcs or regs[:4]) + "  (all in the JSON report)")
+    for name, why in v.refused.items():
+        out.append(f"  {name}: refused ({why})")
+    if v.events:
+        out.append("  events: " + ", ".join(f"{k}={val}" for k, val in v.events.items()))
+    if v.code_bytes is not None:
+        out.append(f"  code at gpa {v.code_gpa:#x}: {v.code_bytes}")
+    elif v.code_unavailable:
+        out.append(f"  code at pc: not shown ({v.code_unavailable})")
+    return out
+
+
+def _slot_infos(vm: "Vm") -> tuple[list[SlotInfo], str | None]:
+    vmas: list[hostinfo.Vma] | None
     try:
-        vmas = hostinfo.read_smaps()
-    except OSError:
-        vmas = []
+        vmas, smaps_error = hostinfo.read_smaps(), None
+    except OSError as err:
+        vmas, smaps_error = None, f"cannot read /proc/self/smaps: {err.strerror or err}"
     infos = []
     for r in vm.memory.regions:
         d = r.describe()
-        covering = [v.to_dict() for v in hostinfo.vmas_covering(vmas, r.hva, r.size)] if r.hva else []
-        infos.append(SlotInfo(d["slot"], d["gpa"], d["size"], d["flags"], d["backing"], d["hva"], covering,
-                              d["backing_details"]))
-    return infos
-
-
-def _swap_backed(slot: SlotInfo) -> bool:
-    """Anonymous memory and shmem (memfd, tmpfs files) are swap-backed; guest_memfd and disk files are not."""
-    if slot.backing == "guest-memfd":
-        return False
-    if slot.backing.startswith("file:"):
+        covering = [v.to_dict() for v in hostinfo.vmas_covering(vmas, r.hva, r.size)] if r.hva and vmas else []
+        nature_fn = getattr(r.backing, "nature", None)
         try:
-            with open("/proc/self/mounts") as f:
-                mounts = [line.split()[1:3] for line in f]
-        except OSError:
-            return False
-        path = slot.backing[len("file:"):]
-        best = max((m for m in mounts if path.startswith(m[0].rstrip("/") + "/")), key=lambda m: len(m[0]),
-                   default=None)
-        return best is not None and best[1] in ("tmpfs", "shmem")
-    return True
+            nature = nature_fn() if nature_fn else {}
+        except Exception as exc:  # a report must not fail over one fact
+            nature = {"unavailable": repr(exc)}
+        infos.append(SlotInfo(d["slot"], d["gpa"], d["size"], d["flags"], d["backing"], d["hva"], covering,
+                              d["backing_details"], nature, smaps_error))
+    return infos, smaps_error
+
+
+def _nisv_cause(report: FaultReport) -> str | None:
+    nisv = report.exit_reason == "KVM_EXIT_ARM_NISV"
+    enosys = report.arch == "arm64" and report.call == "KVM_RUN" and report.errno == errno_mod.ENOSYS
+    if not (nisv or enosys):
+        return None
+    where = ""
+    if nisv:
+        d = report.exit_details
+        where = f" (fault_ipa {d.get('fault_ipa', 0):#x}, esr_iss {d.get('esr_iss', 0):#x})"
+    how = ("KVM passed it to the VMM as KVM_EXIT_ARM_NISV (KVM_CAP_ARM_NISV_TO_USER)" if nisv else
+           "without KVM_CAP_ARM_NISV_TO_USER, io_mem_abort returns -ENOSYS and KVM_RUN fails with ENOSYS "
+           "(the address is not in kvm_run: look at the vCPU's PC and the instruction there)")
+    return (f"the guest made a data access{where} outside every memslot (or a write to a READONLY slot) with an "
+            "instruction that leaves no valid syndrome (ESR_EL2.ISV = 0): a load/store pair (LDP/STP), a "
+            "load/store with writeback (pre/post-index), or a SIMD/FP or atomic access to MMIO; KVM cannot "
+            f"emulate it as MMIO, so {how}. Use single loads/stores without writeback for device registers, "
+            "or map RAM there")
+
+
+def _memory_fault_cause(report: FaultReport) -> str | None:
+    mf = report.memory_fault
+    if not mf:
+        return None
+    kind = "private" if mf["private"] else "shared"
+    other = "shared" if mf["private"] else "private"
+    slot = next((s for s in report.slots if s.slot == report.faulting_slot), None)
+    if mf["private"] and slot is not None and "GUEST_MEMFD" not in slot.flags:
+        return (f"the guest accessed gpa {mf['gpa']:#x} as private, but slot {slot.slot} has no guest_memfd "
+                "(kvm_mmu_faultin_pfn_gmem): KVM exits with KVM_EXIT_MEMORY_FAULT (flags PRIVATE). Give the slot "
+                "a guest_memfd (KVM_SET_USER_MEMORY_REGION2) or keep the range shared")
+    return (f"the guest accessed gpa {mf['gpa']:#x} (size {mf['size']:#x}) as {kind} while KVM's memory attributes "
+            f"say {other} (kvm_mmu_faultin_pfn: fault->is_private != kvm_mem_is_private): KVM exits with "
+            "KVM_EXIT_MEMORY_FAULT for the VMM to convert the range with KVM_SET_MEMORY_ATTRIBUTES ("
+            + ("set KVM_MEMORY_ATTRIBUTE_PRIVATE" if mf["private"] else "clear KVM_MEMORY_ATTRIBUTE_PRIVATE")
+            + ") and run the vCPU again")
 
 
 def likely_causes(report: FaultReport) -> list[str]:
     """The kernel's rules, applied to what the report saw.  Pure: tests feed it reports."""
+    from .arch.arm64 import pkvm
+
     causes: list[str] = []
     err = report.errno
     protected = report.vm_kind == "protected"
     slot = next((s for s in report.slots if s.slot == report.faulting_slot), None)
-    candidates = [slot] if slot else report.slots
-    pfn_slots = [s for s in candidates if s.vmflags & {"pf", "io"}]
+    # Never blame an unrelated slot: with a known fault address outside every slot, no slot is a candidate.
+    if slot is not None:
+        candidates = [slot]
+    elif report.fault_gpa is not None:
+        candidates = []
+    else:
+        candidates = report.slots
     in_slot_mmio = report.exit_reason == "KVM_EXIT_MMIO" and slot is not None
-    if err == errno_mod.EFAULT and protected and report.forced_pages:
-        pages = ", ".join(f"{p:#x}" for p in report.forced_pages[:8])
-        causes.append(f"the VMM read or wrote guest-owned page(s) {pages} with force=True: pKVM reclaimed them from "
-                      "the protected guest (zeroed), and the guest's next access to them fails with EFAULT")
-    if err == errno_mod.EFAULT or in_slot_mmio:
-        if protected and pfn_slots:
-            for s in pfn_slots:
-                causes.append(
-                    f"slot {s.slot} ({s.backing}) is mapped VM_PFNMAP/VM_IO (VmFlags "
-                    f"{' '.join(sorted(s.vmflags & {'pf', 'io'}))}): a protected VM's pages are pinned with "
-                    "pin_user_pages() when the guest first touches them (pkvm_mem_abort), and PFN-mapped memory "
-                    "such as a DMA-buf mmap has no pinnable struct pages, so KVM returns EFAULT"
-                )
+    nisv = _nisv_cause(report)
+    if nisv:
+        causes.append(nisv)
+    if report.exit_reason == "KVM_EXIT_MEMORY_FAULT":
+        mf_cause = _memory_fault_cause(report)
+        if mf_cause and (report.memory_fault["private"] or report.memory_fault["flags"] or
+                         (slot is not None and "GUEST_MEMFD" in slot.flags)):
+            causes.append(mf_cause)
+    if protected:
+        causes.extend(pkvm.fault_causes(report, candidates))
+    if (err == errno_mod.EFAULT or in_slot_mmio) and not (protected and causes):
         for s in candidates:
+            if s.vmas_error:
+                continue  # unknown VMAs are not "unmapped"
             if not s.vmas:
                 causes.append(f"slot {s.slot}: its host range {s.hva:#x} is no longer mapped in the VMM")
             elif any("w" not in v["perms"] for v in s.vmas):
@@ -190,31 +323,18 @@ def likely_causes(report: FaultReport) -> list[str]:
                 offset = report.fault_gpa - s.gpa
                 if size is not None and offset >= size:
                     causes.append(f"slot {s.slot}: backing file {path} is {size:#x} bytes long, the guest touched "
-                                  f"offset {offset:#x} beyond its end: the host page fault there is SIGBUS, so KVM cannot map the page")
+                                  f"offset {offset:#x} beyond its end: the host page fault there is SIGBUS, so KVM "
+                                  "cannot map the page")
         if not causes and in_slot_mmio:
             causes.append(f"KVM could not access the host page behind guest address {report.fault_gpa:#x} in slot "
                           f"{slot.slot} ({slot.backing}) and treated the access as MMIO")
         elif not causes:
             causes.append("KVM could not fault in the host page behind the guest address (hva_to_pfn failed): "
                           "the host mapping is missing, lacks permission, or cannot be pinned")
-    elif err == errno_mod.EIO and protected:
-        named = [s for s in candidates if not _swap_backed(s)]
-        which = ", ".join(f"slot {s.slot} ({s.backing})" for s in named) or "a slot"
-        causes.append(f"{which}: a protected VM's pages are pinned and must be swap-backed (anonymous memory or "
-                      "shmem: memfd, tmpfs); pkvm_mem_abort refuses page-cache pages of regular files and "
-                      "guest_memfd folios with EIO")
-    elif err == errno_mod.ENOMEM:
-        ml = report.memlock
-        causes.append(
-            "pinning the guest's pages would exceed RLIMIT_MEMLOCK "
-            f"({'unlimited' if ml.get('rlimit_soft') is None else str(ml.get('rlimit_soft')) + ' bytes'})"
-            + ("" if ml.get("cap_ipc_lock") else " and the VMM lacks CAP_IPC_LOCK")
-            + ": raise it (ulimit -l) to at least the guest's memory size" if protected else
-            "the host ran out of memory while faulting in guest pages"
-        )
-    elif err == errno_mod.EPERM:
-        causes.append("a protected VM forbids deleting or moving a memslot after its first KVM_RUN, and READONLY "
-                      "or LOG_DIRTY_PAGES memslots" if protected else "the kernel refused the operation (EPERM)")
+    elif not protected and err == errno_mod.ENOMEM:
+        causes.append("the host ran out of memory while faulting in guest pages")
+    elif not protected and err == errno_mod.EPERM:
+        causes.append("the kernel refused the operation (EPERM)")
     elif err in (errno_mod.ENOEXEC, errno_mod.ENOENT) and report.arch == "arm64":
         causes.append("the vCPU was not initialised with KVM_ARM_VCPU_INIT before KVM_RUN")
     if report.exit_reason == "KVM_EXIT_INTERNAL_ERROR":
@@ -233,9 +353,109 @@ def likely_causes(report: FaultReport) -> list[str]:
     return causes
 
 
+def _register_dump(vm: "Vm", vcpu: "VcpuFd") -> tuple[dict[str, int], dict[str, str], dict]:
+    """``arch.registers()``: the old dict, or a RegisterDump(values, refused, events)."""
+    dump = vm.arch.registers(vcpu)
+    if isinstance(dump, dict):
+        return dict(dump), {}, {}
+    values = dict(getattr(dump, "values", {}) or {})
+    refused_raw = getattr(dump, "refused", {}) or {}
+    if isinstance(refused_raw, dict):
+        refused = {str(k): str(v) for k, v in refused_raw.items()}
+    else:  # a list of names, or of (name, why) pairs
+        refused = {}
+        for item in refused_raw:
+            name, why = (item if isinstance(item, (tuple, list)) and len(item) == 2 else (item, "refused"))
+            refused[str(name)] = str(why)
+    events = getattr(dump, "events", None) or {}
+    if is_dataclass(events):
+        events = asdict(events)
+    elif not isinstance(events, dict):
+        events = {"value": str(events)}
+    return values, refused, events
+
+
+def _code_address(vm: "Vm", vcpu: "VcpuFd", regs: dict[str, int]) -> tuple[int | None, str]:
+    ca = getattr(vm.arch, "code_address", None)
+    if ca is not None:
+        return ca(vcpu, vm)
+    # Until the arch translates the PC: only where it is a physical address (x86 with paging off).
+    if "rip" in regs and "cr0" in regs and not regs["cr0"] & (1 << 31):
+        return regs.get("cs_base", 0) + regs["rip"], "paging off: cs.base + rip"
+    return None, "the PC is a virtual address and this arch cannot translate it yet"
+
+
+def _vcpu_info(vm: "Vm", vcpu: "VcpuFd", faulting: bool, tids: dict[int, int], states: dict[int, str]) -> VcpuInfo:
+    info = VcpuInfo(vcpu.vcpu_id, faulting, tids.get(vcpu.vcpu_id), states.get(vcpu.vcpu_id))
+    if vcpu.closed:
+        info.unavailable = "the vCPU fd is closed"
+        return info
+    try:
+        info.registers, info.refused, info.events = _register_dump(vm, vcpu)
+    except Exception as exc:  # registers of a dead vCPU: say so, keep the report
+        info.unavailable = str(exc)
+        return info
+    try:
+        gpa, why = _code_address(vm, vcpu, info.registers)
+    except Exception as exc:
+        gpa, why = None, f"cannot translate the PC: {exc}"
+    if gpa is None:
+        info.code_unavailable = why
+        return info
+    info.code_gpa = gpa
+    try:
+        info.code_bytes = vm.memory.read(gpa, CODE_BYTES).hex(" ")
+    except GuestMemoryError as exc:  # a protected guest's private page, a hole...: say why
+        info.code_unavailable = str(exc)
+    return info
+
+
+OTHER_VCPU_WAIT = 1.0  # seconds: KVM serialises a vCPU's ioctls, so one still in KVM_RUN makes us wait
+
+
+def _other_vcpu_info(vm: "Vm", vcpu: "VcpuFd", tids: dict[int, int], states: dict[int, str],
+                     deadline: float) -> VcpuInfo:
+    """Another vCPU's state, without hanging if it is still in KVM_RUN (vcpu->mutex): bounded wait."""
+    box: list[VcpuInfo] = []
+    t = threading.Thread(target=lambda: box.append(_vcpu_info(vm, vcpu, False, tids, states)),
+                         name=f"pyvmm-report-vcpu{vcpu.vcpu_id}", daemon=True)
+    t.start()
+    t.join(max(0.0, deadline - time.monotonic()))
+    if box:
+        return box[0]
+    return VcpuInfo(vcpu.vcpu_id, False, tids.get(vcpu.vcpu_id), states.get(vcpu.vcpu_id),
+                    unavailable="still in KVM_RUN when the report was made (KVM serialises vCPU ioctls); "
+                                "call report.add_missing_vcpus(vm) once the vCPUs are stopped")
+
+
+def add_missing_vcpus(report: FaultReport, vm: "Vm") -> None:
+    """Fill in vCPUs whose registers could not be read while they ran (call after every vCPU stopped)."""
+    tids = _call(vm, "vcpu_tids", {})
+    states = _call(vm, "vcpu_states", {})
+    for i, info in enumerate(report.vcpus):
+        if info.unavailable and info.unavailable.startswith("still in KVM_RUN"):
+            fd = next((v for v in vm.vcpus if v.vcpu_id == info.vcpu), None)
+            if fd is not None:
+                report.vcpus[i] = _vcpu_info(vm, fd, info.faulting, tids, states)
+
+
+def _call(vm, name: str, default):
+    fn = getattr(vm, name, None)
+    if fn is None:
+        return default
+    try:
+        return fn()
+    except Exception:
+        return default
+
+
 def build_report(vm: "Vm", vcpu: "VcpuFd | None", what: str, *, call: str | None = None,
                  err: int | None = None, exit_reason: int | None = None, fault_gpa: int | None = None) -> FaultReport:
     """Collect everything about the failure now, while the VM still exists."""
+    from .arch.arm64 import pkvm
+    from .caps import report_caps
+
+    fault_time = hostinfo.monotonic_us()
     run = vcpu.kvm_run if vcpu is not None and not vcpu.closed else None
     report = FaultReport(
         what=what, vm_kind=vm.kind, vm_type=vm.vm_type, arch=vm.arch.name,
@@ -244,6 +464,7 @@ def build_report(vm: "Vm", vcpu: "VcpuFd | None", what: str, *, call: str | None
         call=call, errno=err,
         errno_name=errno_mod.errorcode.get(err) if err else None,
         errno_meaning=os.strerror(err) if err else None,
+        fault_time_us=fault_time,
     )
     report.fault_gpa = fault_gpa
     if run is not None:
@@ -256,32 +477,60 @@ def build_report(vm: "Vm", vcpu: "VcpuFd | None", what: str, *, call: str | None
             report.fault_gpa = mf.gpa
         if exit_reason is not None:
             report.exit_details = exit_details(run, exit_reason)
-        try:
-            report.registers = vm.arch.registers(vcpu)
-        except Exception as exc:  # registers of a dead vCPU: say so, keep the report
-            report.exit_details["registers_unavailable"] = str(exc)
+            if exit_reason == uapi.KVM_EXIT_ARM_NISV:
+                report.fault_gpa = report.exit_details.get("fault_ipa")
+    tids = _call(vm, "vcpu_tids", {})
+    states = _call(vm, "vcpu_states", {})
+    if vcpu is not None:
+        mine = _vcpu_info(vm, vcpu, True, tids, states)
+        report.vcpus.append(mine)
+        report.registers = dict(mine.registers)
+        if mine.unavailable:
+            report.exit_details["registers_unavailable"] = mine.unavailable
+    deadline = time.monotonic() + OTHER_VCPU_WAIT
+    for other in list(vm.vcpus):
+        if vcpu is None or other.vcpu_id != vcpu.vcpu_id:
+            report.vcpus.append(_other_vcpu_info(vm, other, tids, states, deadline))
+    report.vcpus.sort(key=lambda v: v.vcpu)
     if report.fault_gpa is not None:
         region = vm.memory.find(report.fault_gpa)
         report.faulting_slot = region.slot if region else None
-    report.slots = _slot_infos(vm)
-    if report.faulting_slot is None and report.vm_kind == "protected":
-        # arm64 has no KVM_EXIT_MEMORY_FAULT: infer the slot when exactly one slot fits the kernel's rule.
-        if err == errno_mod.EFAULT:
-            fits, why = [s for s in report.slots if s.vmflags & {"pf", "io"}], "the only VM_PFNMAP/VM_IO slot"
-        elif err == errno_mod.EIO:
-            fits = [s for s in report.slots if not _swap_backed(s)]
-            why = "the only slot whose pages are not swap-backed"
-        else:
-            fits = []
-        if len(fits) == 1:
-            report.faulting_slot = fits[0].slot
-            report.exit_details["faulting_slot_inferred"] = why
+    report.slots, report.smaps_error = _slot_infos(vm)
     report.forced_pages = sorted(p * hostmem.PAGE_SIZE for p in vm.memory.forced_pages)
+    if report.faulting_slot is None and report.fault_gpa is None and report.vm_kind == "protected":
+        # arm64 has no KVM_EXIT_MEMORY_FAULT from pkvm_mem_abort: infer the slot when exactly one fits the rule.
+        slot, why = pkvm.infer_faulting_slot(report)
+        if slot is not None:
+            report.faulting_slot, report.faulting_slot_inferred = slot, why
+            report.exit_details["faulting_slot_inferred"] = why
     report.memlock = asdict(hostinfo.MemlockInfo.read())
-    report.kernel_log = vm.kmsg.poll()
-    report.kernel_log_unavailable = vm.kmsg.unavailable
+    try:
+        caps = report_caps(vm.kvm, vm.fd, vm.arch.name)
+    except Exception as exc:
+        caps = {"unavailable": repr(exc)}
+    identity = hostinfo.HostIdentity.read(caps)
+    report.host = {**asdict(identity), "cpu_text": identity.cpu_text()}
+    report.exit_counts = dict(_call(vm, "exit_counts", {}))
+    console = getattr(vm, "console", None)
+    if console is not None:
+        report.console_tail = console.text().splitlines()[-CONSOLE_LINES:]
+    _collect_kernel_log(report, vm, tids)
     report.likely_cause = likely_causes(report)
     return report
+
+
+def _collect_kernel_log(report: FaultReport, vm: "Vm", tids: dict[int, int]) -> None:
+    kmsg = vm.kmsg
+    if kmsg is None:
+        report.kernel_log_unavailable = "no kernel log watcher"
+        return
+    report.kernel_log_unavailable = kmsg.unavailable
+    records = kmsg.poll_records() if hasattr(kmsg, "poll_records") else []
+    kept, dropped = hostinfo.filter_kmsg(records, hostinfo.KmsgFilter.for_this_process(tids))
+    report.kernel_log = [r.line() for r in kept]
+    report.kernel_log_records = [asdict(r) for r in kept]
+    report.kernel_log_dropped = dropped
+    report.kernel_log_lost = getattr(kmsg, "lost", 0)
 
 
 def exit_details(run: uapi.kvm_run, exit_reason: int | None) -> dict:

@@ -1,235 +1,255 @@
-"""The run loop: one thread per vCPU calling KVM_RUN and dispatching its exits.
+"""The run loop: dispatches each vCPU's exits until the VM ends.
 
-I/O and MMIO exits go to the VM's buses; HLT, SHUTDOWN, SYSTEM_EVENT,
-HYPERCALL, MEMORY_FAULT, INTERNAL_ERROR, FAIL_ENTRY and DEBUG are each handled
-or end the VM with an ``Outcome``; EINTR/EAGAIN are retried.  ``stop()`` kicks
-every vCPU out of KVM_RUN with ``immediate_exit`` and a signal.
+Each ``Vcpu`` (``pyvmm/vcpu.py``) owns its thread, its signal mask and its kick; this module only
+decides what an exit means.  ``VcpuFd.run()`` hands over typed exits (``pyvmm/kvm/exits.py``):
 
-After an MMIO or I/O exit the data in ``kvm_run`` is left as KVM wrote it (and
-as the device completed it): KVM finishes the guest's access from it on the
-next KVM_RUN, so nothing here clears ``exit_reason`` or the MMIO data.
+* ``Io`` and ``Mmio`` go to the VM's buses.  A guest read is completed by filling the exit's
+  ``data`` view, which lies inside ``kvm_run``: the next KVM_RUN finishes the instruction from
+  it, so it is filled even when the VM is being stopped (a later ``run()`` resumes correctly).
+* An ``Mmio`` exit inside a memslot is either a write to a READONLY slot (ROM, flash: delivered
+  to the bus, where a device may claim it; unclaimed writes are dropped and counted; reads return
+  the slot's bytes), or, on any other slot, the named quirk ``MMIO_IN_SLOT_QUIRK``: the host
+  could not reach the page behind the slot, which ends the VM with a fault report.
+* ``Hlt`` parks the vCPU (the VM halts when all have); ``Shutdown``, ``SystemEvent``, ``Debug``
+  and failures end the VM with an ``Outcome``; ``Hypercall`` is answered; ``Intr`` loops.
+
+The first outcome wins (``finish``); every vCPU is then kicked and every join is bounded.
 """
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import logging
 import signal
 import threading
-from typing import TYPE_CHECKING
+import time
+from typing import TYPE_CHECKING, Callable
 
-from .kvm import uapi
+from .kvm import exits, uapi
 from .kvm.errors import KvmError
 from .outcome import ExitKind, Outcome
-from .report import build_report
+from .report import add_missing_vcpus, build_report
+from .vcpu import PROCESS_SIGNALS, Vcpu, VcpuState
 
 if TYPE_CHECKING:
-    from .kvm.vcpu import VcpuFd
     from .vm import Vm
 
 log = logging.getLogger("pyvmm.run")
 
-KICK_SIGNAL = signal.SIGUSR2
 KVM_ENOSYS = 1000  # include/uapi/linux/kvm_para.h
+JOIN_LIMIT = 5.0  # seconds a vCPU thread gets to leave KVM_RUN after the VM ended
+KICK_INTERVAL = 0.05
 
+MMIO_IN_SLOT_QUIRK = (
+    "an MMIO exit inside a memslot that is not READONLY: KVM could not reach the host page behind the slot "
+    "(hosts that emulate guest accesses, such as kvm_pvm, fall back to MMIO when copying from or to the "
+    "slot's host mapping fails, where hardware KVM would fail KVM_RUN with EFAULT)"
+)
 
-def _ignore_signal(signum, frame) -> None:
-    pass
-
-
-def install_kick_handler() -> bool:
-    """Make KICK_SIGNAL interrupt KVM_RUN (EINTR) instead of killing us.  Main thread only."""
-    if signal.getsignal(KICK_SIGNAL) not in (signal.SIG_DFL, None, signal.SIG_IGN):
-        return True
-    if threading.current_thread() is not threading.main_thread():
-        return False
-    signal.signal(KICK_SIGNAL, _ignore_signal)
-    return True
+SYSTEM_EVENT_KINDS = {
+    uapi.KVM_SYSTEM_EVENT_SHUTDOWN: ExitKind.POWER_OFF,
+    uapi.KVM_SYSTEM_EVENT_RESET: ExitKind.RESET,
+    uapi.KVM_SYSTEM_EVENT_CRASH: ExitKind.CRASH,
+}
 
 
 class RunLoop:
-    """Runs every vCPU of ``vm`` until one ends the VM, all halt, or the timeout passes."""
+    """One ``Vm.run()``: every vCPU until one ends the VM, all halt, or the timeout passes."""
 
-    def __init__(self, vm: "Vm"):
+    def __init__(self, vm: "Vm", vcpus: list[Vcpu]):
         self.vm = vm
+        self.vcpus = vcpus
         self._outcome: Outcome | None = None
         self._lock = threading.Lock()
         self._done = threading.Event()
         self._stopping = threading.Event()
-        self._threads: list[threading.Thread] = []
-        self._halted: set[int] = set()
-        self.exit_counts: dict[str, int] = {}
-        self.can_kick = install_kick_handler()
+        # exit type -> handler(vcpu, exit); True when this vCPU's thread is done
+        self._handlers: dict[type, Callable[[Vcpu, exits.VcpuExit], bool]] = {
+            exits.Io: self._io,
+            exits.Mmio: self._mmio,
+            exits.Intr: lambda vcpu, exit: False,
+            exits.Hlt: self._halt,
+            exits.Shutdown: self._shutdown,
+            exits.SystemEvent: self._system_event,
+            exits.Hypercall: self._hypercall,
+            exits.Debug: self._debug,
+        }
 
-    # --- ending the VM ----------------------------------------------------
+    # --- ending the VM --------------------------------------------------------------------
     def finish(self, outcome: Outcome) -> None:
-        """First outcome wins; then every vCPU is stopped."""
+        """First outcome wins; then every vCPU is kicked out of KVM_RUN."""
         with self._lock:
             if self._outcome is None:
                 self._outcome = outcome
-        self._kick_all()
+        self._stopping.set()
+        for vcpu in self.vcpus:
+            vcpu.kick()
         self._done.set()
 
-    def _kick_all(self) -> None:
-        self._stopping.set()
-        for vcpu in self.vm.vcpus:
-            if not vcpu.closed:
-                vcpu.set_immediate_exit(True)
-        if self.can_kick:
-            for t in self._threads:
-                if t.is_alive() and t.ident is not None and t is not threading.current_thread():
-                    try:
-                        signal.pthread_kill(t.ident, KICK_SIGNAL)
-                    except ProcessLookupError:
-                        pass
-
     def run(self, timeout: float | None = None) -> Outcome:
-        self.vm.memory.has_run = True
-        for vcpu in self.vm.vcpus:
-            vcpu.set_immediate_exit(False)
-            t = threading.Thread(target=self._vcpu_thread, args=(vcpu,), name=f"vcpu{vcpu.vcpu_id}", daemon=True)
-            self._threads.append(t)
-        for t in self._threads:
-            t.start()
-        try:
+        try:  # a Ctrl-C while the threads start stops the ones already started, like any other
+            self._start_all()
+            if all(v.state is VcpuState.HALTED for v in self.vcpus):
+                self.finish(Outcome(ExitKind.HALT, detail="every vCPU is halted"))
             if not self._done.wait(timeout):
                 self.finish(Outcome(ExitKind.TIMEOUT, detail=f"the guest did not finish within {timeout} s"))
         except KeyboardInterrupt:
             self.finish(Outcome(ExitKind.STOPPED, detail="interrupted (SIGINT)"))
-        for t in self._threads:
-            while t.is_alive():
-                t.join(0.05)
-                if t.is_alive():
-                    self._kick_all()
+        stuck = self._join_all()
         outcome = self._outcome
-        outcome.exits = dict(self.exit_counts)
+        if stuck:
+            outcome.detail += (f"; vCPU {', '.join(map(str, stuck))} did not leave KVM_RUN within {JOIN_LIMIT:.0f} s "
+                               "(its thread is abandoned)")
+        outcome.exits = self.exit_counts()
+        if outcome.report is not None:
+            add_missing_vcpus(outcome.report, self.vm)  # vCPUs that were still in KVM_RUN when it was made
         return outcome
 
-    # --- one vCPU ------------------------------------------------------------
-    def _vcpu_thread(self, vcpu: "VcpuFd") -> None:
+    def _start_all(self) -> None:
+        """Start every vCPU that is not halted, with the process signals held back until all are started
+        (the threads inherit that mask and keep it; a Ctrl-C meanwhile arrives right after)."""
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, PROCESS_SIGNALS)
         try:
-            self._vcpu_loop(vcpu)
-        except Exception as exc:  # a bug in a device or in pyvmm: end the VM with a report, not a hang
-            log.exception("vCPU %d: unexpected error", vcpu.vcpu_id)
-            self.finish(Outcome(ExitKind.FAULT, vcpu.vcpu_id, detail=f"pyvmm error on vCPU {vcpu.vcpu_id}: {exc!r}",
-                                report=build_report(self.vm, vcpu, f"pyvmm error: {exc!r}")))
+            for vcpu in self.vcpus:
+                if vcpu.state is not VcpuState.HALTED:
+                    vcpu.start(self._vcpu_main)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
-    def _count(self, reason: int) -> None:
-        name = uapi.exit_reason_name(reason)
-        self.exit_counts[name] = self.exit_counts.get(name, 0) + 1
-
-    def _vcpu_loop(self, vcpu: "VcpuFd") -> None:
-        run = vcpu.kvm_run
-        vid = vcpu.vcpu_id
-        while not self._stopping.is_set():
+    def _join_all(self) -> list[int]:
+        """Join every vCPU thread, kicking again every KICK_INTERVAL; give up after JOIN_LIMIT seconds."""
+        deadline = time.monotonic() + JOIN_LIMIT
+        pending = [v for v in self.vcpus if v.alive]
+        while pending and time.monotonic() < deadline:
             try:
-                vcpu.run()
+                for vcpu in pending:
+                    vcpu.kick()
+                pending[0].join(KICK_INTERVAL)
+            except KeyboardInterrupt:  # a second Ctrl-C while stopping: we are stopping already
+                pass
+            pending = [v for v in pending if v.alive]
+        for vcpu in pending:
+            log.error("vCPU %d did not leave KVM_RUN within %.0f s", vcpu.index, JOIN_LIMIT)
+        return [v.index for v in pending]
+
+    def exit_counts(self) -> dict[str, int]:
+        total: dict[str, int] = {}
+        for vcpu in self.vcpus:
+            for reason, n in dict(vcpu.exit_counts).items():
+                name = uapi.exit_reason_name(reason)
+                total[name] = total.get(name, 0) + n
+        return total
+
+    # --- one vCPU's thread ------------------------------------------------------------------
+    def _vcpu_main(self, vcpu: Vcpu) -> None:
+        try:
+            self._dispatch(vcpu)
+        except Exception as exc:  # a bug in a device or in pyvmm: end the VM with a report, not a hang
+            log.exception("vCPU %d: unexpected error", vcpu.index)
+            self._fault(vcpu, f"pyvmm error on vCPU {vcpu.index}: {exc!r}")
+
+    def _dispatch(self, vcpu: Vcpu) -> None:
+        handlers = self._handlers
+        stopping = self._stopping
+        while not stopping.is_set():
+            try:
+                exit = vcpu.run_once()
             except KvmError as err:
-                if err.errno in (errno.EINTR, errno.EAGAIN):
-                    run.immediate_exit = 0 if not self._stopping.is_set() else 1
+                if err.errno == errno.EAGAIN:
                     continue
-                what = f"KVM_RUN on vCPU {vid} failed with {err.errno_name} ({err.meaning})"
+                what = f"KVM_RUN on vCPU {vcpu.index} failed with {err.errno_name} ({err.meaning})"
                 # exit_reason is stale after a failed KVM_RUN, except KVM_EXIT_MEMORY_FAULT (build_report checks)
-                self.finish(Outcome(ExitKind.FAULT, vid, detail=what,
-                                    report=build_report(self.vm, vcpu, what, call="KVM_RUN", err=err.errno)))
+                self._fault(vcpu, what, call="KVM_RUN", err=err.errno)
                 return
-            reason = run.exit_reason
-            self._count(reason)
-            if reason == uapi.KVM_EXIT_IO:
-                self._io(vcpu, run)
-            elif reason == uapi.KVM_EXIT_MMIO:
-                if self._mmio_in_memslot(vcpu, run):
-                    return
-                self._mmio(run)
-            elif reason == uapi.KVM_EXIT_INTR:
-                continue
-            elif reason == uapi.KVM_EXIT_HLT:
-                self._halt(vid)
+            handler = handlers.get(type(exit))
+            if handler is None:  # MEMORY_FAULT without an error, INTERNAL_ERROR, FAIL_ENTRY, NISV, UNKNOWN...
+                self._fault(vcpu, f"vCPU {vcpu.index} exited with {exit.name}", exit_reason=_reason(exit))
                 return
-            elif reason == uapi.KVM_EXIT_SHUTDOWN:
-                self.finish(Outcome(ExitKind.SHUTDOWN, vid, detail="KVM_EXIT_SHUTDOWN (triple fault)",
-                                    report=build_report(self.vm, vcpu, f"vCPU {vid} shut down (triple fault)",
-                                                        exit_reason=reason)))
+            if handler(vcpu, exit):
                 return
-            elif reason == uapi.KVM_EXIT_SYSTEM_EVENT:
-                if self._system_event(vcpu, run):
-                    return
-            elif reason == uapi.KVM_EXIT_HYPERCALL:
-                self._hypercall(vcpu, run)
-            elif reason == uapi.KVM_EXIT_DEBUG:
-                self.finish(Outcome(ExitKind.DEBUG, vid, detail=f"debug exit at pc {self.vm.arch.pc(vcpu):#x}"))
-                return
+
+    def _fault(self, vcpu: Vcpu, what: str, **report_args) -> None:
+        self._end_with_report(vcpu, ExitKind.FAULT, what, what, **report_args)
+
+    def _end_with_report(self, vcpu: Vcpu, kind: ExitKind, detail: str, what: str, status: int | None = None,
+                         **report_args) -> None:
+        """Stop the other vCPUs first (a vCPU inside KVM_RUN cannot have its registers read), then report."""
+        self._stopping.set()
+        for other in self.vcpus:
+            if other is not vcpu:
+                other.kick()
+        report = build_report(self.vm, vcpu.fd, what, **report_args)
+        self.finish(Outcome(kind, vcpu.index, status=status, detail=detail, report=report))
+
+    # --- exits ------------------------------------------------------------------------------
+    def _io(self, vcpu: Vcpu, exit: exits.Io) -> bool:
+        bus, port, size, data = self.vm.io_bus, exit.port, exit.size, exit.data
+        for start in range(0, size * exit.count, size):  # string I/O (rep ins/outs) carries count items
+            if exit.is_write:
+                bus.write(port, bytes(data[start:start + size]))
             else:
-                # MEMORY_FAULT (without an error return), INTERNAL_ERROR, FAIL_ENTRY, UNKNOWN, EXCEPTION, NISV...
-                what = f"vCPU {vid} exited with {uapi.exit_reason_name(reason)}"
-                self.finish(Outcome(ExitKind.FAULT, vid, detail=what,
-                                    report=build_report(self.vm, vcpu, what, exit_reason=reason)))
-                return
+                data[start:start + size] = bus.read(port, size)
+        return False
 
-    def _io(self, vcpu: "VcpuFd", run: uapi.kvm_run) -> None:
-        io = run.io
-        bus = self.vm.io_bus
-        with vcpu.run_bytes(io.data_offset, io.size * io.count) as data:
-            for i in range(io.count):  # string I/O (rep ins/outs) carries count items
-                chunk = slice(i * io.size, (i + 1) * io.size)
-                if io.direction == uapi.KVM_EXIT_IO_OUT:
-                    bus.write(io.port, bytes(data[chunk]))
-                else:
-                    data[chunk] = bus.read(io.port, io.size)
+    def _mmio(self, vcpu: Vcpu, exit: exits.Mmio) -> bool:
+        region = self.vm.memory.find(exit.addr)
+        if region is not None:
+            if not region.flags & uapi.KVM_MEM_READONLY:
+                self._mmio_in_slot(vcpu, exit, region)
+                return True
+            if not exit.is_write and self.vm.mmio_bus.find(exit.addr) is None:
+                exit.data[:] = self.vm.memory.read(exit.addr, len(exit.data))  # ROM reads what the slot holds
+                return False
+            if exit.is_write and self.vm.mmio_bus.find(exit.addr) is None:
+                self.vm.memory.count_rom_write(region, exit.addr, len(exit.data))
+                return False
+        if exit.is_write:
+            self.vm.mmio_bus.write(exit.addr, bytes(exit.data))
+        else:
+            exit.data[:] = self.vm.mmio_bus.read(exit.addr, len(exit.data))
+        return False
 
-    def _mmio_in_memslot(self, vcpu: "VcpuFd", run: uapi.kvm_run) -> bool:
-        """An MMIO exit for an address inside a memslot means KVM could not reach the host page
-        (hosts that emulate guest accesses fall back to MMIO when copy_{from,to}_user fails).
-        That is a fault to explain, not a device access."""
-        addr = run.mmio.phys_addr
-        region = self.vm.memory.find(addr)
-        if region is None:
-            return False
-        what = (f"vCPU {vcpu.vcpu_id}: guest {'write' if run.mmio.is_write else 'read'} at {addr:#x} inside memslot "
+    def _mmio_in_slot(self, vcpu: Vcpu, exit: exits.Mmio, region) -> None:
+        what = (f"vCPU {vcpu.index}: guest {'write' if exit.is_write else 'read'} at {exit.addr:#x} inside memslot "
                 f"{region.slot} ({region.backing.describe()}) came back as an MMIO exit: KVM could not access "
                 "the host memory behind it")
-        self.finish(Outcome(ExitKind.FAULT, vcpu.vcpu_id, detail=what,
-                            report=build_report(self.vm, vcpu, what, exit_reason=uapi.KVM_EXIT_MMIO, fault_gpa=addr)))
-        return True
+        self._fault(vcpu, what, exit_reason=uapi.KVM_EXIT_MMIO, fault_gpa=exit.addr)
 
-    def _mmio(self, run: uapi.kvm_run) -> None:
-        mmio = run.mmio
-        length = min(mmio.len, 8)
-        if mmio.is_write:
-            self.vm.mmio_bus.write(mmio.phys_addr, bytes(mmio.data[:length]))
-        else:
-            value = self.vm.mmio_bus.read(mmio.phys_addr, length)
-            ctypes.memmove(mmio.data, value, length)
-
-    def _halt(self, vid: int) -> None:
+    def _halt(self, vcpu: Vcpu, exit: exits.Hlt) -> bool:
+        vcpu.state = VcpuState.HALTED
         with self._lock:
-            self._halted.add(vid)
-            everyone = len(self._halted) == len(self.vm.vcpus)
+            everyone = all(v.state is VcpuState.HALTED for v in self.vcpus)
         if everyone:
-            self.finish(Outcome(ExitKind.HALT, vid, detail="every vCPU halted"))
-
-    def _system_event(self, vcpu: "VcpuFd", run: uapi.kvm_run) -> bool:
-        event = run.system_event
-        vid = vcpu.vcpu_id
-        kinds = {
-            uapi.KVM_SYSTEM_EVENT_SHUTDOWN: ExitKind.POWER_OFF,
-            uapi.KVM_SYSTEM_EVENT_RESET: ExitKind.RESET,
-            uapi.KVM_SYSTEM_EVENT_CRASH: ExitKind.CRASH,
-        }
-        kind = kinds.get(event.type)
-        if kind is None:  # WAKEUP/SUSPEND and newer: note it and keep running
-            log.info("vCPU %d: system event %d ignored", vid, event.type)
-            return False
-        report = None
-        if kind is ExitKind.CRASH:
-            report = build_report(self.vm, vcpu, f"guest reported a crash on vCPU {vid}",
-                                  exit_reason=uapi.KVM_EXIT_SYSTEM_EVENT)
-        self.finish(Outcome(kind, vid, status=event.type, detail=f"KVM_EXIT_SYSTEM_EVENT type {event.type}",
-                            report=report))
+            self.finish(Outcome(ExitKind.HALT, vcpu.index, detail="every vCPU halted"))
         return True
 
-    def _hypercall(self, vcpu: "VcpuFd", run: uapi.kvm_run) -> None:
-        hc = run.hypercall
+    def _shutdown(self, vcpu: Vcpu, exit: exits.Shutdown) -> bool:
+        self._end_with_report(vcpu, ExitKind.SHUTDOWN, "KVM_EXIT_SHUTDOWN (triple fault)",
+                              f"vCPU {vcpu.index} shut down (triple fault)", exit_reason=uapi.KVM_EXIT_SHUTDOWN)
+        return True
+
+    def _system_event(self, vcpu: Vcpu, exit: exits.SystemEvent) -> bool:
+        kind = SYSTEM_EVENT_KINDS.get(exit.type)
+        if kind is None:  # WAKEUP/SUSPEND and newer: note it and keep running
+            log.info("vCPU %d: system event %d ignored", vcpu.index, exit.type)
+            return False
+        detail = f"KVM_EXIT_SYSTEM_EVENT type {exit.type}"
+        if kind is ExitKind.CRASH:
+            self._end_with_report(vcpu, kind, detail, f"guest reported a crash on vCPU {vcpu.index}",
+                                  status=exit.type, exit_reason=uapi.KVM_EXIT_SYSTEM_EVENT)
+        else:
+            self.finish(Outcome(kind, vcpu.index, status=exit.type, detail=detail))
+        return True
+
+    def _hypercall(self, vcpu: Vcpu, exit: exits.Hypercall) -> bool:
         handler = self.vm.hypercall_handler
-        hc.ret = handler(hc.nr, list(hc.args)) if handler else (-KVM_ENOSYS) & (2**64 - 1)
+        exit.complete(handler(exit.nr, exit.args) if handler else -KVM_ENOSYS)
+        return False
+
+    def _debug(self, vcpu: Vcpu, exit: exits.Debug) -> bool:
+        self.finish(Outcome(ExitKind.DEBUG, vcpu.index, detail=f"debug exit at pc {self.vm.arch.pc(vcpu.fd):#x}"))
+        return True
+
+
+def _reason(exit: exits.VcpuExit) -> int:
+    return exit.code if isinstance(exit, exits.Other) else exit.reason

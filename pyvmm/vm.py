@@ -20,8 +20,10 @@ from .kvm.errors import ConfigError
 from .kvm.vcpu import VcpuFd
 from .memory.backing import Backing, BackingSpec
 from .memory.regions import GuestMemory, MemoryRegion
-from .outcome import Outcome
+from .kvm.fd import close_all
+from .outcome import ExitKind, Outcome
 from .runloop import RunLoop
+from .vcpu import Vcpu
 
 
 class Console:
@@ -52,7 +54,11 @@ class Vm:
                  ipa_bits: int | None = None, console: Console | None = None):
         self._own_kvm = kvm is None
         self.kvm = kvm or Kvm()
-        self.vcpus: list[VcpuFd] = []
+        self.vcpus: list[VcpuFd] = []  # what the arch code sets up (registers, init)
+        self._runners: list[Vcpu] = []  # the same vCPUs with their threads (pyvmm/vcpu.py)
+        self._runloop: RunLoop | None = None
+        self._run_lock = threading.Lock()
+        self._last_counts: dict[str, int] = {}
         self.fd = None
         self.memory: GuestMemory | None = None
         self.kmsg: KmsgWatcher | None = None
@@ -71,7 +77,6 @@ class Vm:
             self.console = console or Console()
             self.devices: dict[str, object] = {}
             self.hypercall_handler: Callable[[int, list[int]], int] | None = None
-            self._runloop: RunLoop | None = None
             self.arch.prepare_vm(self)
         except BaseException:
             self.close()
@@ -97,8 +102,15 @@ class Vm:
         limit = self.kvm.check_extension(self.arch.max_vcpus_cap) or 1
         if count > limit:
             raise ConfigError(f"{count} vCPUs requested; this KVM allows {limit}")
+        if count > self.arch.max_vcpus:
+            raise ConfigError(f"{count} vCPUs requested; pyvmm's {self.arch.name} layout has room for "
+                              f"{self.arch.max_vcpus} ({self.arch.max_vcpus_why})")
+        if self.vcpus:
+            raise ConfigError("the VM's vCPUs are already created")
         for _ in range(count):
-            self.vcpus.append(self.fd.create_vcpu(len(self.vcpus)))
+            fd = self.fd.create_vcpu(len(self.vcpus))
+            self.vcpus.append(fd)
+            self._runners.append(Vcpu(fd))
         self.arch.init_vcpus(self)
         return self.vcpus
 
@@ -116,33 +128,54 @@ class Vm:
             raise ConfigError("the VM has no vCPUs")
         if precheck:
             self.arch.check_before_run(self)
-        self._runloop = RunLoop(self)
+        if not self._run_lock.acquire(blocking=False):
+            raise ConfigError("the VM is already running (Vm.run() was called from another thread)")
         try:
-            return self._runloop.run(timeout)
+            self.memory.has_run = True
+            self._runloop = RunLoop(self, self._runners)
+            try:
+                return self._runloop.run(timeout)
+            finally:
+                self._last_counts = self._runloop.exit_counts()
+                self._runloop = None
         finally:
-            self._runloop = None
+            self._run_lock.release()
 
     def request_stop(self, outcome: Outcome) -> None:
-        """For devices and hosts: end the current run with ``outcome``."""
+        """For devices and hosts, from any thread: end the current run with ``outcome``.
+        Does nothing when the VM is not running (a stop is not remembered for a later ``run()``)."""
         loop = self._runloop
         if loop is not None:
             loop.finish(outcome)
 
+    def exit_counts(self) -> dict[str, int]:
+        """KVM exits of the current run (or the last one) by exit reason name, all vCPUs together."""
+        loop = self._runloop
+        return loop.exit_counts() if loop is not None else dict(self._last_counts)
+
+    def vcpu_tids(self) -> dict[int, int]:
+        """vCPU index -> kernel task id of its thread, for the vCPUs running now (kernel-log attribution)."""
+        return {v.index: v.tid for v in self._runners if v.tid is not None}
+
+    def vcpu_states(self) -> dict[int, str]:
+        return {v.index: v.state.value for v in self._runners}
+
     # --- teardown ----------------------------------------------------------
     def close(self) -> None:
-        for vcpu in self.vcpus:
-            vcpu.close()
-        self.vcpus.clear()
-        while self.on_close:
-            self.on_close.pop()()
-        if self.fd is not None:
-            self.fd.close()
-        if self.memory is not None:
-            self.memory.close()  # after the VM fd: the slots went with the VM
-        if self.kmsg is not None:
-            self.kmsg.close()
-        if self._own_kvm:
-            self.kvm.close()
+        """Close everything this VM owns, even when a step fails; then raise the first failure."""
+        loop = self._runloop
+        if loop is not None:  # closed while another thread runs it: stop the vCPUs first
+            loop.finish(Outcome(ExitKind.STOPPED, detail="the VM was closed"))
+        vcpus, self.vcpus, self._runners = self.vcpus, [], []
+        on_close, self.on_close = self.on_close, []
+        close_all([
+            *(v.close for v in vcpus),
+            *reversed(on_close),  # arch-owned fds (GIC...), before the VM fd
+            *([self.fd.close] if self.fd is not None else []),
+            *([self.memory.close] if self.memory is not None else []),  # after the VM fd: the slots went with it
+            *([self.kmsg.close] if self.kmsg is not None else []),
+            *([self.kvm.close] if self._own_kvm else []),
+        ])
 
     def __enter__(self) -> "Vm":
         return self

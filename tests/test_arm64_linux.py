@@ -16,6 +16,7 @@ INITRD = "/opt/lab/guest-initrd.cpio"
 
 
 @pytest.mark.parametrize("kind", ["normal", "protected"])
+@pytest.mark.timeout(420)
 def test_debian_kernel_boots_to_userspace(kind):
     require_arm64_kvm()
     if not (os.path.exists(IMAGE) and os.path.exists(INITRD)):

@@ -4,6 +4,7 @@ pages, and the kernel's rules for protected VMs (run in the lab: scripts/lab tes
 from __future__ import annotations
 
 import errno
+import json
 import os
 import subprocess
 import sys
@@ -38,6 +39,7 @@ def memtouch(protected: bool, backing: str):
 
 
 @pytest.mark.parametrize("backing", ["anon", "memfd", "guest-memfd", "udmabuf"])
+@pytest.mark.timeout(300)
 def test_backings_on_normal_vm(backing):
     """Measured on this lab: a normal VM runs with all four backings."""
     require_arm64_kvm()
@@ -51,12 +53,14 @@ def test_backings_on_normal_vm(backing):
 
 
 @pytest.mark.parametrize("backing", ["anon", "memfd"])
+@pytest.mark.timeout(300)
 def test_swap_backed_memory_runs_protected(pkvm, backing):
     vm, outcome = memtouch(True, backing)
     with vm:
         assert outcome.kind is ExitKind.GUEST_EXIT and outcome.status == 0, vm.console.text()
 
 
+@pytest.mark.timeout(300)
 def test_udmabuf_on_protected_vm_is_refused_and_explained(pkvm):
     """The class of the crosvm dma-heap bug: the DMA-buf mmap is VM_PFNMAP, pkvm_mem_abort cannot pin it."""
     if not os.path.exists("/dev/udmabuf"):
@@ -67,12 +71,21 @@ def test_udmabuf_on_protected_vm_is_refused_and_explained(pkvm):
         r = outcome.report
         assert (r.call, r.errno) == ("KVM_RUN", errno.EFAULT)
         assert r.faulting_slot == 0 and r.exit_details["faulting_slot_inferred"]
+        # arm64 names no slot for this fault: the report inferred it, and says so in the text and the JSON
+        assert r.faulting_slot_inferred.startswith("inferred: the only VM_PFNMAP/VM_IO slot")
+        assert "<-- faulting slot (inferred)" in r.text() and "(slot 0, inferred:" in r.text()
+        assert json.loads(r.to_json())["faulting_slot_inferred"] == r.faulting_slot_inferred
         slot = r.slots[0]
         assert slot.backing == "udmabuf" and "pf" in slot.vmflags  # udmabuf inserts PFNs: VM_PFNMAP
-        assert any("VM_PFNMAP/VM_IO" in c and "pkvm_mem_abort" in c for c in r.likely_cause)
+        assert slot.nature["pfn_mapped"] is True
+        assert any("VM_PFNMAP/VM_IO" in c and "pkvm_mem_abort" in c and "check_vma_flags" in c
+                   for c in r.likely_cause)
         assert r.exit_reason is None and r.memory_fault is None  # stale after a failed KVM_RUN: not shown
+        assert r.host["kvm_arm_mode"] == "protected" and r.host["cpu"].get("implementer") is not None
+        assert r.host["caps"]["KVM_CAP_ARM_NISV_TO_USER"] == 0  # hidden from protected VMs
 
 
+@pytest.mark.timeout(300)
 def test_guest_memfd_on_protected_vm_is_refused_and_explained(pkvm):
     vm, outcome = memtouch(True, "guest-memfd")
     with vm:
@@ -81,6 +94,58 @@ def test_guest_memfd_on_protected_vm_is_refused_and_explained(pkvm):
         assert (r.call, r.errno) == ("KVM_RUN", errno.EIO)
         assert r.faulting_slot == 0
         assert any("slot 0 (guest-memfd)" in c and "swap-backed" in c for c in r.likely_cause)
+        assert any("guest_memfd folios are not swap-backed" in c and "folio_test_swapbacked" in c
+                   for c in r.likely_cause)
+        assert r.faulting_slot_inferred and r.slots[0].nature["swap_backed"] is False
+
+
+def _reserve_huge_pages(n: int) -> bool:
+    try:
+        with open("/proc/sys/vm/nr_hugepages", "w") as f:
+            f.write(str(n))
+        with open("/proc/meminfo") as f:
+            free = next(int(line.split()[1]) for line in f if line.startswith("HugePages_Free:"))
+    except (OSError, StopIteration):
+        return False
+    return free >= n
+
+
+def test_hugetlb_on_protected_vm_is_refused_and_explained(pkvm):
+    """Measured in the lab: hugetlb folios are not swap-backed, so pkvm_mem_abort answers EIO."""
+    if not _reserve_huge_pages(8):
+        pytest.skip("cannot reserve 2 MiB huge pages here")
+    vm, outcome = memtouch(True, "memfd-hugetlb")
+    with vm:
+        assert outcome.kind is ExitKind.FAULT, vm.console.text()
+        r = outcome.report
+        assert (r.call, r.errno) == ("KVM_RUN", errno.EIO)
+        assert r.faulting_slot == 0 and r.faulting_slot_inferred
+        assert r.slots[0].nature["hugetlb"] is True and r.slots[0].nature["swap_backed"] is False
+        assert "ht" in r.slots[0].vmflags
+        assert any("slot 0 (memfd-hugetlb)" in c and "hugetlbfs folios are never swap-backed" in c
+                   for c in r.likely_cause)
+
+
+def test_hugetlb_on_normal_vm_runs(pkvm):
+    if not _reserve_huge_pages(8):
+        pytest.skip("cannot reserve 2 MiB huge pages here")
+    vm, outcome = memtouch(False, "memfd-hugetlb")
+    with vm:
+        assert outcome.kind is ExitKind.GUEST_EXIT and outcome.status == 0, vm.console.text()
+
+
+def test_nisv_to_user_enabled_on_normal_vms_only(pkvm):
+    """KVM_CAP_ARM_NISV_TO_USER: offered and enabled on a normal VM; a protected VM is not offered it
+    (kvm_pkvm_ext_allowed) and KVM_ENABLE_CAP fails with EINVAL."""
+    with Vm() as vm:
+        assert vm.fd.check_extension(uapi.KVM_CAP_ARM_NISV_TO_USER) == 1
+        assert vm.nisv_to_user == "enabled"
+    with Vm(protected=True) as vm:
+        assert vm.fd.check_extension(uapi.KVM_CAP_ARM_NISV_TO_USER) == 0
+        assert vm.nisv_to_user.startswith("not enabled: kvm_pkvm_ext_allowed()")
+        with pytest.raises(KvmError) as err:
+            vm.fd.enable_cap(uapi.KVM_CAP_ARM_NISV_TO_USER)
+        assert err.value.errno == errno.EINVAL
 
 
 def share_run(protected: bool):
@@ -93,6 +158,7 @@ def share_run(protected: bool):
     return vm, first, int.from_bytes(scratch[0:8], "little"), int.from_bytes(scratch[8:16], "little")
 
 
+@pytest.mark.timeout(300)
 def test_pkvm_share_hypercalls_and_host_reads(pkvm):
     vm, first, page_a, page_b = share_run(True)
     with vm:
@@ -109,6 +175,7 @@ def test_pkvm_share_hypercalls_and_host_reads(pkvm):
         assert vm.console.text().endswith("pkvm-share: page B intact, unshare=0x0000000000000000\n")
 
 
+@pytest.mark.timeout(300)
 def test_forced_read_of_a_guest_page_reclaims_it(pkvm):
     """What the guard prevents: a host read of a guest-owned page makes pKVM reclaim and zero it,
     and the guest's next access fails with EFAULT, which the report attributes to the forced read."""
@@ -122,6 +189,7 @@ def test_forced_read_of_a_guest_page_reclaims_it(pkvm):
         assert any("force=True" in c and f"{page_b:#x}" in c for c in again.report.likely_cause)
 
 
+@pytest.mark.timeout(300)
 def test_pkvm_share_on_normal_vm(pkvm):
     vm, first, page_a, page_b = share_run(False)
     with vm:
@@ -141,6 +209,7 @@ def test_readonly_and_log_dirty_slots_refused(pkvm):
         assert err.value.errno == errno.EPERM
 
 
+@pytest.mark.timeout(300)
 def test_no_slot_delete_after_first_run(pkvm):
     with Vm(protected=True) as vm:
         ram = vm.add_memory(8 << 20)
@@ -175,6 +244,7 @@ with Vm(protected=True) as vm:
 """
 
 
+@pytest.mark.timeout(360)
 def test_memlock_limit_without_cap_ipc_lock(pkvm):
     """Without CAP_IPC_LOCK and with RLIMIT_MEMLOCK 0: pyvmm refuses before KVM_RUN, and KVM says ENOMEM."""
     os.chmod("/dev/kvm", 0o666)  # the lab is throwaway; an unprivileged user has no CAP_IPC_LOCK
@@ -201,6 +271,7 @@ def test_pvmfw_needs_the_android_abi(pkvm, tmp_path):
             vm.boot(guest("hello"), pvmfw=str(fw))
 
 
+@pytest.mark.timeout(360)
 def test_protected_vm_via_cli(pkvm, tmp_path):
     report = tmp_path / "r.json"
     res = subprocess.run([sys.executable, "-m", "pyvmm", "run", "--protected", "--backing", "udmabuf",
@@ -211,7 +282,7 @@ def test_protected_vm_via_cli(pkvm, tmp_path):
     assert res.returncode == 1, res.stderr
     assert "pyvmm fault report" in res.stderr and "Traceback" not in res.stderr
     assert "VM_PFNMAP" in res.stderr and "slot 0 (udmabuf)" in res.stderr
-    import json
-
     data = json.loads(report.read_text())
     assert data["report"]["vm_kind"] == "protected" and data["report"]["errno_name"] == "EFAULT"
+    assert data["report"]["faulting_slot"] == 0 and data["report"]["faulting_slot_inferred"].startswith("inferred:")
+    assert data["report"]["vcpus"][0]["registers"]  # every vCPU's registers, in the JSON

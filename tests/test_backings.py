@@ -34,6 +34,7 @@ def backing_param(kind: str, tmp_path) -> str:
 
 @pytest.mark.parametrize("kind", ["anon", "memfd", "memfd-hugetlb", "guest-memfd", "udmabuf", "dma-heap:system",
                                   "file"])
+@pytest.mark.timeout(90)
 def test_memtouch_on_backing(boot_x86, tmp_path, kind):
     seen = {}
 
@@ -60,6 +61,7 @@ def test_memtouch_on_backing(boot_x86, tmp_path, kind):
         assert int.from_bytes(data[2 << 20:(2 << 20) + 8], "little") == (2 << 20) ^ PATTERN
 
 
+@pytest.mark.timeout(90)
 def test_guest_memfd_slot_uses_region2(boot_x86):
     seen = {}
 

@@ -10,18 +10,21 @@ import pytest
 from tests.conftest import run_cli
 
 
+@pytest.mark.timeout(60)
 def test_default_run_boots_hello(x86_firmware):
     res = run_cli()
     assert res.returncode == 0, res.stderr
     assert res.stdout == "Hello from a pyvmm guest (x86_64, long mode)\n"
 
 
+@pytest.mark.timeout(60)
 def test_run_guest_exit_status(x86_firmware):
     res = run_cli("run", os.path.join(x86_firmware, "shutdown-exit"), "-m", "4M")
     assert res.returncode == 0x42
     assert "guest-exit" in res.stderr
 
 
+@pytest.mark.timeout(30)
 def test_timeout_status(x86_firmware, tmp_path):
     spin = tmp_path / "spin.bin"
     spin.write_bytes(b"\xeb\xfe")
@@ -45,6 +48,7 @@ def test_timeout_status(x86_firmware, tmp_path):
     (["run", "--memory", "1M"], "need at least 2 MiB of RAM"),
     (["frobnicate"], "invalid choice"),
 ])
+@pytest.mark.timeout(30)
 def test_bad_input_is_one_line_and_status_2(x86_firmware, args, message):
     res = run_cli(*args)
     assert res.returncode == 2, (res.stdout, res.stderr)
@@ -53,6 +57,7 @@ def test_bad_input_is_one_line_and_status_2(x86_firmware, args, message):
     assert "Traceback" not in res.stderr
 
 
+@pytest.mark.timeout(30)
 def test_no_permission_on_dev_kvm(kvm_device):
     if os.getuid() != 0:
         pytest.skip("needs root, to run the command as an unprivileged user")
@@ -63,12 +68,14 @@ def test_no_permission_on_dev_kvm(kvm_device):
     assert res.stderr.strip() == "pyvmm: error: /dev/kvm: permission denied: add this user to the 'kvm' group or run as root"
 
 
+@pytest.mark.timeout(30)
 def test_no_dev_kvm(kvm_device):
     res = run_cli("--kvm-device", "/nonexistent/kvm", "caps")
     assert res.returncode == 2
     assert "/nonexistent/kvm does not exist" in res.stderr and len(res.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.timeout(60)
 def test_caps_agrees_with_kvm(kvm_device):
     from pyvmm.caps import CAPABILITIES
     from pyvmm.kvm import Kvm
@@ -85,6 +92,7 @@ def test_caps_agrees_with_kvm(kvm_device):
     assert set(caps["backings"]) >= {"anon", "memfd", "memfd-hugetlb", "guest-memfd", "udmabuf", "dma-heap:NAME"}
 
 
+@pytest.mark.timeout(60)
 def test_help_texts():
     for args in (["--help"], ["run", "--help"], ["caps", "--help"]):
         res = run_cli(*args)

@@ -7,6 +7,8 @@ import json
 import mmap
 import os
 
+import pytest
+
 from pyvmm import hostmem
 from pyvmm.report import FaultReport, SlotInfo, likely_causes
 from pyvmm.outcome import ExitKind
@@ -21,6 +23,7 @@ def _two_slot_vm(x86_firmware, backing):
     return vm, region
 
 
+@pytest.mark.timeout(60)
 def test_truncated_file_slot_is_reported(x86_firmware, tmp_path):
     """The file behind slot 1 is truncated under the guest: the report names slot 1, the file and the cause."""
     path = tmp_path / "ram.img"
@@ -32,13 +35,17 @@ def test_truncated_file_slot_is_reported(x86_firmware, tmp_path):
     assert outcome.kind is ExitKind.FAULT
     report = outcome.report
     assert report.faulting_slot == 1 and report.fault_gpa == 2 << 20
+    assert report.faulting_slot_inferred is None  # named by the exit, not inferred
+    assert report.slots[1].nature["file_path"] == str(path)
     slot = next(s for s in report.slots if s.slot == 1)
     assert slot.backing == f"file:{path}"
     assert slot.vmas and slot.vmas[0]["path"] == str(path) and "sh" in slot.vmas[0]["vmflags"]
     assert any(f"{path} is 0x0 bytes long" in c for c in report.likely_cause)
-    assert "<-- faulting slot" in report.text()
+    assert not any("slot 0" in c for c in report.likely_cause)  # the other slot is not blamed
+    assert "<-- faulting slot" in report.text() and "(inferred)" not in report.text()
 
 
+@pytest.mark.timeout(60)
 def test_read_only_host_mapping_is_reported(x86_firmware):
     vm, region = _two_slot_vm(x86_firmware, "memfd")
     with vm:
@@ -48,8 +55,10 @@ def test_read_only_host_mapping_is_reported(x86_firmware):
     assert outcome.kind is ExitKind.FAULT
     assert outcome.report.faulting_slot == 1
     assert any("not writable" in c for c in outcome.report.likely_cause)
+    assert all(c.startswith("slot 1:") or "slot 1 " in c for c in outcome.report.likely_cause)
 
 
+@pytest.mark.timeout(60)
 def test_report_json_from_cli(x86_firmware, tmp_path):
     from tests.conftest import run_cli
 
@@ -63,6 +72,9 @@ def test_report_json_from_cli(x86_firmware, tmp_path):
     assert report["exit_reason"] == "KVM_EXIT_SHUTDOWN"
     assert report["memory_fault"] is None  # only filled for KVM_EXIT_MEMORY_FAULT
     assert report["registers"]["rip"] >= 0x100000
+    assert report["vcpus"][0]["faulting"] and report["vcpus"][0]["registers"] == report["registers"]
+    assert report["host"]["kernel_release"] == os.uname().release
+    assert report["exit_counts"]["KVM_EXIT_SHUTDOWN"] == 1
     assert report["slots"][0]["backing"] == "anon"
     assert "memlock" in report and "rlimit_soft" in report["memlock"]
 
@@ -89,5 +101,8 @@ def test_rule_pfnmap_on_normal_vm_is_not_blamed():
 
 def test_rule_eio_enomem_eperm_on_protected_vm():
     assert any("swap-backed" in c for c in likely_causes(_report(errno.EIO, backing="guest-memfd")))
+    eio = _report(errno.EIO, backing="guest-memfd")
+    eio.slots[0].nature = {"swap_backed": False, "guest_memfd": True}
+    assert likely_causes(eio)[0].startswith("slot 3 (guest-memfd): guest_memfd folios are not swap-backed")
     assert any("RLIMIT_MEMLOCK" in c and "CAP_IPC_LOCK" in c for c in likely_causes(_report(errno.ENOMEM)))
     assert any("after its first KVM_RUN" in c for c in likely_causes(_report(errno.EPERM)))

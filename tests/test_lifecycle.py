@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 from pyvmm.outcome import ExitKind
 from pyvmm.vm import Vm
 
@@ -28,6 +30,7 @@ def _cycle(image: str, backing: str) -> None:
         assert vm.run(timeout=30).kind is ExitKind.HALT
 
 
+@pytest.mark.timeout(60)
 def test_200_create_destroy_cycles(x86_firmware):
     image = os.path.join(x86_firmware, "hello")
     for backing in ("anon", "memfd", "guest-memfd"):  # warm up every code path

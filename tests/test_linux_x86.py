@@ -26,6 +26,7 @@ EARLY_SERIAL_INIT = [
 ]
 
 
+@pytest.mark.timeout(180)
 def test_bzimage_reaches_decompressor(x86_firmware):
     if not os.path.exists(KERNEL):
         pytest.skip(f"no Debian x86_64 kernel at {KERNEL} (scripts/dev test fetches linux-image-amd64)")

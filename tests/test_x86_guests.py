@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import re
+import threading
+import time
 
 import pytest
 
@@ -11,6 +13,7 @@ from pyvmm.outcome import ExitKind
 from tests.expected import MEMTOUCH_LINE, MMIO_GUEST_LOG, memtouch_checksum
 
 
+@pytest.mark.timeout(90)
 def test_hello_long_mode(boot_x86):
     run = boot_x86("hello")
     assert run.console == "Hello from a pyvmm guest (x86_64, long mode)\n"
@@ -18,12 +21,14 @@ def test_hello_long_mode(boot_x86):
     assert run.outcome.exits["KVM_EXIT_HLT"] == 1
 
 
+@pytest.mark.timeout(90)
 def test_hello_real_mode(boot_x86):
     run = boot_x86("hello16.bin")
     assert run.console == "Hello from a pyvmm guest (x86, real mode)\n"
     assert run.outcome.kind is ExitKind.HALT
 
 
+@pytest.mark.timeout(90)
 def test_hello_two_vcpus_both_halt(boot_x86):
     run = boot_x86("hello", vcpus=2)
     assert run.console.count("Hello") == 1  # only vCPU 0 prints
@@ -31,6 +36,7 @@ def test_hello_two_vcpus_both_halt(boot_x86):
     assert run.outcome.exits["KVM_EXIT_HLT"] == 2
 
 
+@pytest.mark.timeout(90)
 def test_memtouch_checksum(boot_x86):
     run = boot_x86("memtouch", memory=4 << 20)
     m = re.fullmatch(MEMTOUCH_LINE, run.console)
@@ -42,6 +48,7 @@ def test_memtouch_checksum(boot_x86):
     assert run.outcome.kind is ExitKind.GUEST_EXIT and run.outcome.status == 0
 
 
+@pytest.mark.timeout(90)
 def test_mmio_access_sizes(boot_x86):
     run = boot_x86("mmio")
     assert run.console == "mmio: ok\n"
@@ -49,6 +56,7 @@ def test_mmio_access_sizes(boot_x86):
     assert run.vm.devices["testdev"].log == MMIO_GUEST_LOG
 
 
+@pytest.mark.timeout(90)
 @pytest.mark.parametrize("name, kind, status, text", [
     ("shutdown-hlt", ExitKind.HALT, None, "shutdown: hlt\n"),
     ("shutdown-triple", ExitKind.SHUTDOWN, None, "shutdown: triple fault\n"),
@@ -66,6 +74,7 @@ def test_shutdown_paths(boot_x86, name, kind, status, text):
         assert any("triple" in c for c in report.likely_cause)
 
 
+@pytest.mark.timeout(60)
 def test_unknown_mmio_reads_zero_and_guest_continues(x86_firmware):
     """The mmio guest against a VM without the test device: reads return 0, the guest reports errors."""
     from pyvmm.vm import Vm
@@ -82,6 +91,7 @@ def test_unknown_mmio_reads_zero_and_guest_continues(x86_firmware):
     assert vm.mmio_bus.unclaimed_count == 12
 
 
+@pytest.mark.timeout(60)
 def test_timeout_stops_a_spinning_guest(x86_firmware, tmp_path):
     """A guest that never ends is stopped by the timeout; the vCPU thread is kicked out of KVM_RUN."""
     from pyvmm.vm import Vm
@@ -92,5 +102,34 @@ def test_timeout_stops_a_spinning_guest(x86_firmware, tmp_path):
         vm.add_memory(2 << 20)
         vm.create_vcpus(1)
         vm.boot(str(spin), mode="real")
+        before = set(threading.enumerate())
+        start = time.monotonic()
         outcome = vm.run(timeout=0.5)
+        elapsed = time.monotonic() - start
+        left = [t for t in threading.enumerate() if t not in before]
     assert outcome.kind is ExitKind.TIMEOUT
+    assert outcome.detail == "the guest did not finish within 0.5 s"
+    assert 0.5 <= elapsed < 1.5
+    assert left == []  # the vCPU thread left KVM_RUN and ended
+
+
+@pytest.mark.timeout(60)
+def test_spin_guest_on_two_vcpus_times_out(boot_x86):
+    """The long-mode spin guest (vCPU 0 prints, then every vCPU loops on jmp .) ends only by the timeout."""
+    start = time.monotonic()
+    run = boot_x86("spin", vcpus=2, timeout=0.5)
+    assert time.monotonic() - start < 2.0
+    assert run.console == "spin: spinning\n"
+    assert run.outcome.kind is ExitKind.TIMEOUT
+    assert "KVM_EXIT_HLT" not in run.outcome.exits
+
+
+@pytest.mark.timeout(60)
+def test_port_test_device_is_on_the_io_bus(boot_x86):
+    seen = {}
+    boot_x86("hello", inspect=lambda vm: seen.update(entry=vm.io_bus.find(0x510), last=vm.io_bus.find(0x51F),
+                                                     after=vm.io_bus.find(0x520)))
+    assert seen["entry"].device is seen["last"].device
+    assert (seen["entry"].base, seen["entry"].size) == (0x510, 16)
+    assert type(seen["entry"].device).__name__ == "PortTestDevice"
+    assert seen["after"] is None

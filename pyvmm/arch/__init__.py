@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from ..kvm.errors import ConfigError
@@ -14,10 +15,21 @@ if TYPE_CHECKING:
     from ..vm import Vm
 
 
+@dataclass
+class RegisterDump:
+    """A vCPU's registers for a fault report (``Arch.registers``)."""
+
+    values: dict[str, int]  # name -> value, display order
+    refused: dict[str, str]  # name -> why KVM refused it (errno name and meaning; "hidden by pKVM" on a protected VM)
+    events: dict[str, int] | None = None  # x86 KVM_GET_VCPU_EVENTS: pending/injected exception, nmi, interrupt...
+
+
 class Arch(Protocol):
     name: str
     ram_base: int
     max_vcpus_cap: int
+    max_vcpus: int  # what pyvmm's guest layout has room for
+    max_vcpus_why: str
 
     def vm_type(self, kvm: "Kvm", protected: bool, ipa_bits: int | None) -> int: ...
 
@@ -31,7 +43,11 @@ class Arch(Protocol):
 
     def check_before_run(self, vm: "Vm") -> None: ...
 
-    def registers(self, vcpu: "VcpuFd") -> dict[str, int]: ...
+    def registers(self, vcpu: "VcpuFd") -> RegisterDump: ...
+
+    def code_address(self, vcpu: "VcpuFd", vm: "Vm") -> tuple[int | None, str]:
+        """The guest-physical address of the PC, or None and why not."""
+        ...
 
     def pc(self, vcpu: "VcpuFd") -> int: ...
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import errno
 
 from . import uapi
 from .errors import KvmError
@@ -29,11 +30,14 @@ class AttrMixin:
         return holder.value
 
     def has_device_attr(self, group: int, attr: int) -> bool:
+        """True when the attribute exists; ENXIO (and only ENXIO) means it does not, other errors raise."""
         try:
             ioctl(self.fileno(), "KVM_HAS_DEVICE_ATTR", uapi.KVM_HAS_DEVICE_ATTR, device_attr(group, attr))
             return True
-        except KvmError:
-            return False
+        except KvmError as err:
+            if err.errno == errno.ENXIO:
+                return False
+            raise
 
 
 class DeviceFd(AttrMixin, OwnedFd):

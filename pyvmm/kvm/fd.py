@@ -3,8 +3,22 @@
 from __future__ import annotations
 
 import os
+from typing import Callable, Iterable
 
 from .errors import PyvmmError
+
+
+def close_all(closers: Iterable[Callable[[], None]]) -> None:
+    """Call every closer even when some fail, then raise the first failure (teardown leaks nothing)."""
+    first: BaseException | None = None
+    for close in closers:
+        try:
+            close()
+        except BaseException as exc:  # noqa: BLE001 - re-raised below, after the rest are closed
+            if first is None:
+                first = exc
+    if first is not None:
+        raise first
 
 
 class OwnedFd:

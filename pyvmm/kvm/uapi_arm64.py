@@ -1,10 +1,31 @@
-"""Mirror of Linux 7.2 ``arch/arm64/include/uapi/asm/kvm.h`` (the parts pyvmm uses)."""
+"""Mirror of Linux 7.2 ``arch/arm64/include/uapi/asm/kvm.h`` (the parts pyvmm uses).
+
+Importable on any host: nothing here depends on the machine Python runs on.  The ioctl numbers whose
+size field comes from an arm64 structure (``KVM_GET_REGS``...) are computed here from these
+structures; ``uapi`` re-exports them when the host is arm64.
+"""
 
 from __future__ import annotations
 
 import ctypes
 
-u32, u64 = ctypes.c_uint32, ctypes.c_uint64
+from ioctl_opt import IOR, IOW
+
+u8, u32, u64 = ctypes.c_uint8, ctypes.c_uint32, ctypes.c_uint64
+# __uint128_t: ctypes has no 128-bit integer; two u64 give the size (16) but only 8-byte alignment,
+# so a structure holding one needs explicit padding wherever C would align it to 16 (see kvm_regs).
+uint128 = u64 * 2
+
+KVMIO = 0xAE  # linux/kvm.h (repeated here so this module does not import uapi)
+
+KVM_SPSR_EL1 = 0
+KVM_SPSR_SVC = KVM_SPSR_EL1
+KVM_SPSR_ABT = 1
+KVM_SPSR_UND = 2
+KVM_SPSR_IRQ = 3
+KVM_SPSR_FIQ = 4
+KVM_NR_SPSR = 5
+KVM_ARM_MAX_DBG_REGS = 16
 
 
 class kvm_debug_exit_arch(ctypes.Structure):
@@ -12,15 +33,19 @@ class kvm_debug_exit_arch(ctypes.Structure):
 
 
 class kvm_guest_debug_arch(ctypes.Structure):
-    _fields_ = [("dbg_bcr", u64 * 16), ("dbg_bvr", u64 * 16), ("dbg_wcr", u64 * 16), ("dbg_wvr", u64 * 16)]
+    _fields_ = [(name, u64 * KVM_ARM_MAX_DBG_REGS) for name in ("dbg_bcr", "dbg_bvr", "dbg_wcr", "dbg_wvr")]
 
 
-class user_pt_regs(ctypes.Structure):
+class kvm_vcpu_init(ctypes.Structure):
+    _fields_ = [("target", u32), ("features", u32 * 7)]
+
+
+class user_pt_regs(ctypes.Structure):  # asm/ptrace.h
     _fields_ = [("regs", u64 * 31), ("sp", u64), ("pc", u64), ("pstate", u64)]
 
 
-class user_fpsimd_state(ctypes.Structure):
-    _fields_ = [("vregs", (u64 * 2) * 32), ("fpsr", u32), ("fpcr", u32), ("__reserved", u32 * 2)]
+class user_fpsimd_state(ctypes.Structure):  # asm/ptrace.h; 16-byte aligned in C (vregs)
+    _fields_ = [("vregs", uint128 * 32), ("fpsr", u32), ("fpcr", u32), ("__reserved", u32 * 2)]
 
 
 class kvm_regs(ctypes.Structure):
@@ -28,39 +53,91 @@ class kvm_regs(ctypes.Structure):
         ("regs", user_pt_regs),
         ("sp_el1", u64),
         ("elr_el1", u64),
-        ("spsr", u64 * 5),
+        ("spsr", u64 * KVM_NR_SPSR),
+        # Mirror-only: C aligns fp_regs (vregs is __uint128_t) to 16, so it starts at 336, not 328;
+        # Python 3.11's ctypes has no _align_.  Fields named _pad* are not in the kernel's header.
+        ("_pad_fp_regs", u8 * 8),
         ("fp_regs", user_fpsimd_state),
     ]
 
 
+class kvm_sregs(ctypes.Structure):  # empty on arm64 (KVM_GET_SREGS is x86's)
+    _fields_ = []
+
+
+class kvm_sync_regs(ctypes.Structure):
+    _fields_ = [("device_irq_level", u64)]
+
+
+class _kvm_vcpu_events_exception(ctypes.Structure):
+    _fields_ = [("serror_pending", u8), ("serror_has_esr", u8), ("ext_dabt_pending", u8), ("pad", u8 * 5),
+                ("serror_esr", u64)]
+
+
+class kvm_vcpu_events(ctypes.Structure):
+    _fields_ = [("exception", _kvm_vcpu_events_exception), ("reserved", u32 * 12)]
+
+
 KVM_REG_ARM64 = 0x6000000000000000
+KVM_REG_SIZE_SHIFT = 52
 KVM_REG_SIZE_U32 = 0x0020000000000000
 KVM_REG_SIZE_U64 = 0x0030000000000000
+KVM_REG_SIZE_U128 = 0x0040000000000000
 KVM_REG_ARM_COPROC_SHIFT = 16
 KVM_REG_ARM_CORE = 0x0010 << KVM_REG_ARM_COPROC_SHIFT
 KVM_REG_ARM64_SYSREG = 0x0013 << KVM_REG_ARM_COPROC_SHIFT
 KVM_REG_ARM_FW = 0x0014 << KVM_REG_ARM_COPROC_SHIFT
 
 
-def KVM_REG_ARM_CORE_REG(offset: int) -> int:
-    """Core register id from a byte offset into ``struct kvm_regs`` (always 64-bit here)."""
-    return KVM_REG_ARM64 | KVM_REG_SIZE_U64 | KVM_REG_ARM_CORE | (offset // 4)
+def core_reg_fields(struct: type = kvm_regs, prefix: str = "", base: int = 0):
+    """Every core register of ``struct kvm_regs``: ``(path, byte offset, size in bytes)``, in order.
+
+    A path is C syntax (``regs.pc``, ``regs.regs[3]``, ``spsr[0]``, ``fp_regs.vregs[31]``); mirror-only
+    padding and ``__reserved`` (not registers: KVM refuses them) are left out."""
+    for name, ftype in struct._fields_:
+        if name.startswith(("_pad", "__reserved")):
+            continue
+        path, offset = prefix + name, base + getattr(struct, name).offset
+        if isinstance(ftype, type) and issubclass(ftype, ctypes.Structure):
+            yield from core_reg_fields(ftype, path + ".", offset)
+        elif isinstance(ftype, type) and issubclass(ftype, ctypes.Array) and ftype is not uint128:
+            elem = ftype._type_
+            for i in range(ftype._length_):
+                yield f"{path}[{i}]", offset + i * ctypes.sizeof(elem), ctypes.sizeof(elem)
+        else:
+            yield path, offset, ctypes.sizeof(ftype)
+
+
+_CORE = {path: (offset, size) for path, offset, size in core_reg_fields()}
+_CORE_BY_OFFSET = {offset: (offset, size) for offset, size in _CORE.values()}
 
 
 def core_reg_offset(path: str) -> int:
     """Byte offset of e.g. ``regs.pc`` or ``regs.regs[3]`` inside ``struct kvm_regs``."""
-    offset, struct = 0, kvm_regs
-    for part in path.split("."):
-        name, _, index = part.partition("[")
-        field = getattr(struct, name)
-        offset += field.offset
-        ftype = dict(struct._fields_)[name]
-        if index:
-            elem = ftype._type_
-            offset += int(index.rstrip("]")) * ctypes.sizeof(elem)
-            ftype = elem
-        struct = ftype
-    return offset
+    try:
+        return _CORE[path.replace(" ", "")][0]
+    except KeyError:
+        raise ValueError(f"no core register {path!r} in struct kvm_regs") from None
+
+
+def KVM_REG_SIZE(size: int) -> int:
+    """The KVM_REG_SIZE_* bits for a register of ``size`` bytes."""
+    if size & (size - 1) or not 1 <= size <= 256:
+        raise ValueError(f"no KVM_REG_SIZE_* for {size} bytes")
+    return (size.bit_length() - 1) << KVM_REG_SIZE_SHIFT
+
+
+def KVM_REG_ARM_CORE_REG(reg: str | int) -> int:
+    """ONE_REG id of a core register, named by its path in ``struct kvm_regs`` (or its byte offset).
+
+    The kernel's macro of this name gives only the index (offset / 4); this returns the whole id, with
+    KVM_REG_SIZE_* from the member's type: U64 for x0-x30/sp/pc/pstate/sp_el1/elr_el1/spsr[],
+    U128 for the V registers, U32 for fpsr/fpcr (Documentation/virt/kvm/api.rst, "ARM64 registers")."""
+    try:
+        offset, size = _CORE[reg.replace(" ", "")] if isinstance(reg, str) else _CORE_BY_OFFSET[reg]
+    except KeyError:
+        raise ValueError(f"no core register {reg!r} in struct kvm_regs") from None
+    return KVM_REG_ARM64 | KVM_REG_SIZE(size) | KVM_REG_ARM_CORE | (offset // 4)
 
 
 def ARM64_SYS_REG(op0: int, op1: int, crn: int, crm: int, op2: int) -> int:
@@ -77,7 +154,21 @@ def ARM64_SYS_REG(op0: int, op1: int, crn: int, crm: int, op2: int) -> int:
 
 
 KVM_REG_ARM_PSCI_VERSION = KVM_REG_ARM64 | KVM_REG_SIZE_U64 | KVM_REG_ARM_FW | 0
+
+# System registers by (op0, op1, CRn, CRm, op2), as the Arm ARM encodes them.  The sysreg names are
+# the architecture's (uapi has no names for them).  Userspace reads ELR_EL1 and SPSR_EL1 as the core
+# registers ``elr_el1`` and ``spsr[KVM_SPSR_EL1]``; the sysreg ids below are what KVM's sys_regs table
+# uses for them.
 MPIDR_EL1 = ARM64_SYS_REG(3, 0, 0, 0, 5)
+SCTLR_EL1 = ARM64_SYS_REG(3, 0, 1, 0, 0)
+TTBR0_EL1 = ARM64_SYS_REG(3, 0, 2, 0, 0)
+TTBR1_EL1 = ARM64_SYS_REG(3, 0, 2, 0, 1)
+TCR_EL1 = ARM64_SYS_REG(3, 0, 2, 0, 2)
+SPSR_EL1 = ARM64_SYS_REG(3, 0, 4, 0, 0)
+ELR_EL1 = ARM64_SYS_REG(3, 0, 4, 0, 1)
+ESR_EL1 = ARM64_SYS_REG(3, 0, 5, 2, 0)
+FAR_EL1 = ARM64_SYS_REG(3, 0, 6, 0, 0)
+VBAR_EL1 = ARM64_SYS_REG(3, 0, 12, 0, 0)
 
 # vCPU features for KVM_ARM_VCPU_INIT
 KVM_ARM_VCPU_POWER_OFF = 0
@@ -108,3 +199,18 @@ PSR_F_BIT = 0x40
 PSR_I_BIT = 0x80
 PSR_A_BIT = 0x100
 PSR_D_BIT = 0x200
+
+# --- ioctl numbers whose size comes from an arm64 structure -------------------------------------
+KVM_GET_REGS = IOR(KVMIO, 0x81, kvm_regs)
+KVM_SET_REGS = IOW(KVMIO, 0x82, kvm_regs)
+KVM_GET_SREGS = IOR(KVMIO, 0x83, kvm_sregs)
+KVM_SET_SREGS = IOW(KVMIO, 0x84, kvm_sregs)
+KVM_GET_VCPU_EVENTS = IOR(KVMIO, 0x9F, kvm_vcpu_events)
+KVM_SET_VCPU_EVENTS = IOW(KVMIO, 0xA0, kvm_vcpu_events)
+KVM_ARM_VCPU_INIT = IOW(KVMIO, 0xAE, kvm_vcpu_init)
+KVM_ARM_PREFERRED_TARGET = IOR(KVMIO, 0xAF, kvm_vcpu_init)
+
+# Every arch-specific ioctl number above, by name (uapi.ioctls_for() and the header test use it).
+IOCTLS = {name: globals()[name] for name in (
+    "KVM_GET_REGS", "KVM_SET_REGS", "KVM_GET_SREGS", "KVM_SET_SREGS", "KVM_GET_VCPU_EVENTS", "KVM_SET_VCPU_EVENTS",
+    "KVM_ARM_VCPU_INIT", "KVM_ARM_PREFERRED_TARGET")}

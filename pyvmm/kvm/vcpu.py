@@ -3,49 +3,74 @@
 from __future__ import annotations
 
 import ctypes
+import errno
 import mmap
 
-from . import uapi, uapi_x86
+from . import exits, uapi, uapi_x86
 from .device import AttrMixin
+from .errors import KvmError
 from .fd import OwnedFd
-from .ioctl import ioctl
+from .ioctl import _ioctl, ioctl
+
+KERNEL_SIGSET_BYTES = 8  # the kernel's sigset_t (_NSIG = 64) on x86_64 and arm64
 
 
 class VcpuFd(AttrMixin, OwnedFd):
     kind = "vCPU fd"
 
     def __init__(self, fd: int, vcpu_id: int, mmap_size: int):
+        """Takes ownership of ``fd``: if mapping ``kvm_run`` fails, the fd is closed here, once."""
         super().__init__(fd)
         self.vcpu_id = vcpu_id
-        self._map = mmap.mmap(fd, mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        self._run = uapi.kvm_run.from_buffer(self._map)
+        self._map = None
+        self._view = None
+        try:
+            self._map = mmap.mmap(fd, mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            self._run = uapi.kvm_run.from_buffer(self._map)
+            self._view = memoryview(self._map)
+        except BaseException:
+            self.close()
+            raise
 
     @property
     def kvm_run(self) -> uapi.kvm_run:
-        """Typed view of the shared ``struct kvm_run`` page."""
+        """Typed view of the shared ``struct kvm_run`` page (exits are decoded by ``run()``)."""
         return self._run
 
-    def run_bytes(self, offset: int, length: int) -> memoryview:
-        """Bytes of the kvm_run mapping (``io.data_offset`` points in here)."""
-        return memoryview(self._map)[offset : offset + length]
-
     def close(self) -> None:
-        if getattr(self, "_map", None) is not None:
-            self._run = None  # drop the exported buffer before unmapping
+        self._run = None  # drop the exported buffers before unmapping
+        if self._view is not None:
+            self._view.release()
+            self._view = None
+        if self._map is not None:
             try:
                 self._map.close()
-            except BufferError:  # someone still holds a kvm_run view: the mapping goes with the last one
+            except BufferError:  # an exit's data view is still alive: the mapping goes with the last one
                 pass
             self._map = None
         super().close()
 
     # --- KVM_RUN ---------------------------------------------------------
-    def run(self) -> None:
-        """One KVM_RUN; raises KvmError (EINTR included: the caller decides what to retry)."""
-        ioctl(self.fileno(), "KVM_RUN", uapi.KVM_RUN)
+    def run(self) -> exits.VcpuExit:
+        """One KVM_RUN, decoded.  EINTR (a signal or ``immediate_exit``) is the ``Intr`` exit;
+        any other failure raises KvmError (for EFAULT, ``kvm_run`` may hold KVM_EXIT_MEMORY_FAULT)."""
+        if _ioctl(self._fd, uapi.KVM_RUN, None) < 0:
+            err = ctypes.get_errno()
+            if err == errno.EINTR:
+                return exits.Intr()
+            raise KvmError("KVM_RUN", err)
+        return exits.decode(self._run, self._view)
 
     def set_immediate_exit(self, value: bool) -> None:
         self._run.immediate_exit = 1 if value else 0
+
+    def set_signal_mask(self, blocked: set[int]) -> None:
+        """KVM_SET_SIGNAL_MASK: the signals blocked while this vCPU is inside KVM_RUN."""
+        bits = 0
+        for sig in blocked:
+            bits |= 1 << (int(sig) - 1)
+        mask = uapi.kvm_signal_mask_with(bits.to_bytes(KERNEL_SIGSET_BYTES, "little"))
+        ioctl(self.fileno(), "KVM_SET_SIGNAL_MASK", uapi.KVM_SET_SIGNAL_MASK, mask)
 
     # --- x86 registers ---------------------------------------------------
     def get_regs(self) -> uapi_x86.kvm_regs:
@@ -98,3 +123,17 @@ class VcpuFd(AttrMixin, OwnedFd):
 
     def set_guest_debug(self, control: int) -> None:
         ioctl(self.fileno(), "KVM_SET_GUEST_DEBUG", uapi.KVM_SET_GUEST_DEBUG, uapi.kvm_guest_debug(control=control))
+
+    # --- fault reports ---------------------------------------------------------
+    def get_vcpu_events(self) -> ctypes.Structure:
+        """KVM_GET_VCPU_EVENTS: pending/injected exception, interrupt, NMI, SMI (the host arch's struct)."""
+        events = uapi.HOST_ARCH.kvm_vcpu_events()
+        ioctl(self.fileno(), "KVM_GET_VCPU_EVENTS", uapi.KVM_GET_VCPU_EVENTS, events)
+        return events
+
+    def translate(self, gva: int) -> uapi.kvm_translation:
+        """KVM_TRANSLATE (x86): the guest-physical address of ``gva`` through the vCPU's current page
+        tables (``valid`` is 0 when it is not mapped)."""
+        tr = uapi.kvm_translation(linear_address=gva)
+        ioctl(self.fileno(), "KVM_TRANSLATE", uapi.KVM_TRANSLATE, tr)
+        return tr

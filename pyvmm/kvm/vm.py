@@ -29,12 +29,9 @@ class VmFd(AttrMixin, OwnedFd):
         return ioctl(self.fileno(), "KVM_CHECK_EXTENSION", uapi.KVM_CHECK_EXTENSION, cap)
 
     def create_vcpu(self, vcpu_id: int) -> VcpuFd:
+        size = self.kvm.vcpu_mmap_size()
         fd = ioctl(self.fileno(), "KVM_CREATE_VCPU", uapi.KVM_CREATE_VCPU, vcpu_id)
-        try:
-            return VcpuFd(fd, vcpu_id, self.kvm.vcpu_mmap_size())
-        except BaseException:
-            os.close(fd)
-            raise
+        return VcpuFd(fd, vcpu_id, size)  # owns fd from here on, closes it itself if its set-up fails
 
     def set_user_memory_region(self, slot: int, flags: int, guest_phys_addr: int, memory_size: int,
                                userspace_addr: int) -> None:
@@ -53,9 +50,18 @@ class VmFd(AttrMixin, OwnedFd):
         ioctl(self.fileno(), "KVM_SET_USER_MEMORY_REGION2", uapi.KVM_SET_USER_MEMORY_REGION2, region)
 
     def create_guest_memfd(self, size: int, flags: int = 0) -> int:
-        """KVM_CREATE_GUEST_MEMFD; returns a new fd the caller owns."""
+        """KVM_CREATE_GUEST_MEMFD; returns a new close-on-exec fd the caller owns.
+
+        The kernel makes the fd without O_CLOEXEC (unlike VM, vCPU and device fds), so a child process
+        would keep the guest's memory alive: set FD_CLOEXEC before anyone else sees the fd."""
         arg = uapi.kvm_create_guest_memfd(size=size, flags=flags)
-        return ioctl(self.fileno(), "KVM_CREATE_GUEST_MEMFD", uapi.KVM_CREATE_GUEST_MEMFD, arg)
+        fd = ioctl(self.fileno(), "KVM_CREATE_GUEST_MEMFD", uapi.KVM_CREATE_GUEST_MEMFD, arg)
+        try:
+            os.set_inheritable(fd, False)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
     def set_memory_attributes(self, address: int, size: int, attributes: int) -> None:
         arg = uapi.kvm_memory_attributes(address=address, size=size, attributes=attributes, flags=0)

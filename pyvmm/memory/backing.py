@@ -96,12 +96,35 @@ class Backing:
         """Facts for reports (fds, paths, sizes)."""
         return {"kind": self.kind.value, "size": self.size}
 
+    # --- what the pages are (the kernel's rules depend on it; reports record it) ---------
+    swap_backed: bool | None = True  # folio_test_swapbacked(): anonymous memory and shmem; None = unknown
+    pfn_mapped = False  # the host mapping is VM_PFNMAP/VM_IO (raw PFNs: GUP cannot pin it)
+    hugetlb = False  # hugetlbfs pages
+    file_path: str | None = None  # a regular file behind the mapping
+    shared_mapping = True  # MAP_SHARED (False: MAP_PRIVATE)
+
+    def nature(self) -> dict:
+        """What the pages are, for reports and the kernel's rules (SlotInfo.nature)."""
+        return {"swap_backed": self.swap_backed, "pfn_mapped": self.pfn_mapped, "hugetlb": self.hugetlb,
+                "guest_memfd": self.guest_memfd is not None, "file_path": self.file_path,
+                "shared_mapping": self.shared_mapping}
+
     def close(self) -> None:
+        """Unmap and close every fd, even when one step fails; then raise the first error."""
+        first: BaseException | None = None
         if self.hva:
-            hostmem.munmap(self.hva, self.size)
-            self.hva = 0
+            hva, self.hva = self.hva, 0
+            try:
+                hostmem.munmap(hva, self.size)
+            except BaseException as exc:
+                first = exc
         while self._fds:
-            os.close(self._fds.pop())
+            try:
+                os.close(self._fds.pop())
+            except BaseException as exc:
+                first = first or exc
+        if first is not None:
+            raise first
 
     def __enter__(self):
         return self
@@ -114,6 +137,7 @@ class AnonBacking(Backing):
     """Private anonymous memory (MAP_PRIVATE|MAP_ANONYMOUS): the default."""
 
     kind = BackingKind.ANON
+    shared_mapping = False
 
     def _create(self) -> None:
         self._map(-1, shared=False)
@@ -146,6 +170,7 @@ class MemfdBacking(Backing):
         self.hugetlb = hugetlb
         if hugetlb:
             self.kind = BackingKind.MEMFD_HUGETLB
+            self.swap_backed = False  # hugetlb folios never get PG_swapbacked (only anon and shmem do)
             self.alignment = hostmem.HUGE_PAGE_SIZE
             if size % hostmem.HUGE_PAGE_SIZE:
                 raise ConfigError(f"memfd-hugetlb: size {size:#x} is not a multiple of 2 MiB")
@@ -190,6 +215,7 @@ class GuestMemfdBacking(Backing):
 
     kind = BackingKind.GUEST_MEMFD
     slot_flags = uapi.KVM_MEM_GUEST_MEMFD
+    swap_backed = False  # guest_memfd folios are unevictable, not swap-backed
 
     def _create(self, vm: "VmFd") -> None:
         size = self.size
@@ -202,6 +228,7 @@ class GuestMemfdBacking(Backing):
         self.gmem_flags = wanted if supported & wanted == wanted else 0
         self.guest_memfd = self._own(vm.create_guest_memfd(size, self.gmem_flags))
         self.mmapped = bool(self.gmem_flags)
+        self.shared_mapping = self.mmapped
         self._map(self.guest_memfd if self.mmapped else -1, shared=self.mmapped)
 
     def details(self) -> dict:
@@ -232,6 +259,8 @@ class UdmabufBacking(Backing):
     """
 
     kind = BackingKind.UDMABUF
+    pfn_mapped = True  # udmabuf's mmap inserts PFNs (vmf_insert_pfn): VM_PFNMAP|VM_IO
+    swap_backed = True  # the pages are the memfd's (shmem), but GUP never reaches them through this mapping
 
     def _create(self, device: str = UDMABUF_DEVICE) -> None:
         size = self.size
@@ -259,6 +288,8 @@ class DmaHeapBacking(Backing):
     """A buffer from ``/dev/dma_heap/<heap>`` (``DMA_HEAP_IOCTL_ALLOC``), its DMA-buf mapped as guest RAM."""
 
     kind = BackingKind.DMA_HEAP
+    pfn_mapped = True  # the system and CMA heaps map with remap_pfn_range / vmf_insert_pfn: VM_PFNMAP
+    swap_backed = False  # heap pages are the heap's own allocations (not anon, not shmem)
 
     def _create(self, heap: str) -> None:
         size = self.size
@@ -317,11 +348,45 @@ class FileBacking(Backing):
         self.fd = fd
         self._map(fd)
 
+    @property
+    def file_path(self) -> str:  # type: ignore[override]
+        return self.path
+
+    @property
+    def filesystem(self) -> str | None:
+        """The filesystem type of the mount holding the file (longest matching mount point)."""
+        return mount_fstype(self.path)
+
+    @property
+    def swap_backed(self) -> bool | None:  # type: ignore[override]
+        """Only shmem files (tmpfs) are swap-backed; other files' pages are page cache.  None: unknown."""
+        fs = self.filesystem
+        return None if fs is None else fs in SHMEM_FILESYSTEMS
+
+    def nature(self) -> dict:
+        return {**super().nature(), "filesystem": self.filesystem}
+
     def describe(self) -> str:
         return f"file:{self.path}"
 
     def details(self) -> dict:
         return {**super().details(), "path": self.path}
+
+
+SHMEM_FILESYSTEMS = ("tmpfs", "shmem")
+
+
+def mount_fstype(path: str, mounts_file: str = "/proc/self/mounts") -> str | None:
+    """The type of the filesystem mounted at the longest mount point containing ``path``; None if unreadable."""
+    try:
+        with open(mounts_file) as f:
+            mounts = [[w.replace("\\040", " ") for w in line.split()[1:3]] for line in f if len(line.split()) >= 3]
+    except OSError:
+        return None
+    path = os.path.realpath(path)
+    best = max((m for m in mounts if m[0] == "/" or path == m[0] or path.startswith(m[0].rstrip("/") + "/")),
+               key=lambda m: len(m[0]), default=None)
+    return best[1] if best else None
 
 
 @dataclass(frozen=True)

@@ -12,14 +12,19 @@ from __future__ import annotations
 import bisect
 import ctypes
 import errno
+import logging
+import threading
 from dataclasses import dataclass, field
 from typing import Callable
 
 from .. import hostmem
 from ..kvm import uapi
 from ..kvm.errors import ConfigError, GuestMemoryError
+from ..kvm.fd import close_all
 from ..kvm.vm import VmFd
 from .backing import Backing, BackingSpec
+
+log = logging.getLogger("pyvmm.memory")
 
 FLAG_NAMES = {
     uapi.KVM_MEM_LOG_DIRTY_PAGES: "LOG_DIRTY_PAGES",
@@ -91,10 +96,12 @@ class GuestMemory:
         self.rules = rules or MemoryRules()
         self.regions: list[MemoryRegion] = []  # sorted by gpa
         self.has_run = False
-        # Called before the VMM touches guest memory; may refuse (protected VMs: ``protected_guard``).
+        # Called before the VMM touches guest memory; may refuse (protected VMs: arch.arm64.pkvm.access_guard).
         self.access_guard: Callable[[int, int, bool], None] | None = None
         self.shared_pages: set[int] = set()  # page numbers a protected guest has shared with the host
         self.forced_pages: set[int] = set()  # guest-owned pages the host touched anyway (force=True)
+        self.rom_writes_dropped = 0  # guest writes to READONLY slots that no device claimed
+        self._rom_lock = threading.Lock()
 
     # --- building the map ------------------------------------------------
     def validate(self, gpa: int, size: int, flags: int = 0, alignment: int = hostmem.PAGE_SIZE,
@@ -172,10 +179,19 @@ class GuestMemory:
         region.backing.close()
 
     def close(self) -> None:
-        """Close every backing.  Call after the VM fd is closed (KVM drops its slots with the VM)."""
-        for region in self.regions:
-            region.backing.close()
-        self.regions.clear()
+        """Close every backing (all of them, even if one fails; then the first error is raised).
+        Call after the VM fd is closed (KVM drops its slots with the VM)."""
+        regions, self.regions = self.regions, []
+        close_all(r.backing.close for r in regions)
+
+    def count_rom_write(self, region: MemoryRegion, gpa: int, size: int) -> None:
+        """A guest write to READONLY slot ``region`` that no device claimed: dropped, counted, logged once."""
+        with self._rom_lock:
+            self.rom_writes_dropped += 1
+            first = self.rom_writes_dropped == 1
+        if first:
+            log.warning("guest write of %d bytes at %#x to READONLY slot %d dropped (no device claims it); "
+                        "further ones are only counted", size, gpa, region.slot)
 
     # --- lookup ----------------------------------------------------------
     def find(self, gpa: int) -> MemoryRegion | None:
@@ -206,23 +222,6 @@ class GuestMemory:
             self.shared_pages.update(pages(gpa, size))
         else:
             self.shared_pages.difference_update(pages(gpa, size))
-
-    def protected_guard(self, gpa: int, size: int, write: bool) -> None:
-        """After a protected VM has run, its pages are the guest's unless it shared them.
-
-        A host access to a guest-owned page is not harmless: through a system call the kernel reclaims
-        the page from the guest (which then fails with EFAULT); directly it is SIGSEGV.  So refuse,
-        before touching anything, unless the range was declared shared.
-        """
-        if not self.has_run:
-            return
-        for page in pages(gpa, size):
-            if page not in self.shared_pages:
-                raise GuestMemoryError(
-                    f"guest page {page * hostmem.PAGE_SIZE:#x} belongs to the protected guest (it has not shared "
-                    "it): a host access would make pKVM reclaim the page from the guest. Declare it shared "
-                    "(memory.declare_shared) once the guest has shared it, or pass force=True to access it anyway"
-                )
 
     def _io(self, write: bool, gpa: int, buf: ctypes.Array, force: bool = False) -> None:
         if self.access_guard is not None:

@@ -13,14 +13,14 @@ Firmware entry registers: x0 = DTB address, x1 = RAM base, x2 = RAM size, x3 = 0
 
 from __future__ import annotations
 
-from ...hostinfo import MemlockInfo, kvm_arm_mode
 from ...kvm import uapi
-from ...kvm.errors import ConfigError, MissingFeature
+from ...kvm.errors import ConfigError, KvmError, MissingFeature
 from ...kvm.vcpu import VcpuFd
 from ...loader import EM_AARCH64, is_elf, load_elf, load_flat, read_image
 from ...memory.regions import MemoryRules
 from ...outcome import ExitKind, Outcome
-from . import cpu, fdt, gic, layout, linux
+from .. import RegisterDump
+from . import cpu, fdt, gic, layout, linux, pkvm
 
 from devices.debug_exit import DebugExit
 from devices.testdev import SIZE as TESTDEV_SIZE
@@ -34,6 +34,9 @@ class Arm64:
     name = "arm64"
     ram_base = layout.RAM_BASE
     max_vcpus_cap = uapi.KVM_CAP_MAX_VCPUS
+    max_vcpus = layout.MAX_VCPUS
+    max_vcpus_why = (f"one {layout.GIC_REDIST_SIZE >> 10} KiB GICv3 redistributor per vCPU between "
+                     f"{layout.GIC_REDIST:#x} and the UART at {layout.UART:#x}")
     default_image = "hello"
 
     def vm_type(self, kvm, protected: bool, ipa_bits: int | None) -> int:
@@ -42,17 +45,14 @@ class Arm64:
             raise ConfigError(f"IPA size {ipa_bits} bits: this KVM supports 32 to {limit}")
         vm_type = ipa_bits or 0  # 0 = the default 40 bits
         if protected:
-            if kvm_arm_mode() != "protected":
-                raise MissingFeature("protected VMs need pKVM: boot the host with kvm-arm.mode=protected")
-            vm_type |= uapi.KVM_VM_TYPE_ARM_PROTECTED
+            vm_type |= pkvm.vm_type_bits()
         return vm_type
 
     def memory_rules(self, vm) -> MemoryRules:
         ipa = vm.vm_type & uapi.KVM_VM_TYPE_ARM_IPA_SIZE_MASK or DEFAULT_IPA_BITS
-        protected = vm.protected
-        return MemoryRules(max_slots=vm.kvm.check_extension(uapi.KVM_CAP_NR_MEMSLOTS) or 32, max_gpa=1 << ipa,
-                           readonly_allowed=not protected, log_dirty_allowed=not protected,
-                           frozen_after_run=protected, vm_kind=vm.kind)
+        rules = MemoryRules(max_slots=vm.kvm.check_extension(uapi.KVM_CAP_NR_MEMSLOTS) or 32, max_gpa=1 << ipa,
+                            vm_kind=vm.kind)
+        return pkvm.restrict_memory_rules(rules) if vm.protected else rules
 
     def prepare_vm(self, vm) -> None:
         uart = Uart16550(vm.console.write, irq=lambda level: self._irq(vm, layout.UART_SPI, level))
@@ -66,7 +66,25 @@ class Arm64:
         vm.mmio_bus.insert(testdev, layout.TEST_DEVICE, TESTDEV_SIZE, "test-device")
         vm.devices.update(uart=uart, testdev=testdev)
         if vm.protected:
-            vm.memory.access_guard = vm.memory.protected_guard
+            vm.memory.access_guard = pkvm.access_guard(vm.memory)
+        self._enable_nisv(vm)
+
+    def _enable_nisv(self, vm) -> None:
+        """KVM_CAP_ARM_NISV_TO_USER: a data abort outside memslots without a valid syndrome becomes a
+        KVM_EXIT_ARM_NISV exit (esr_iss, fault_ipa) the report can explain, instead of KVM_RUN failing
+        with ENOSYS.  ``vm.nisv_to_user`` records the answer (or why not)."""
+        if vm.protected:
+            vm.nisv_to_user = f"not enabled: {pkvm.NISV_REFUSED}"
+            return
+        if not vm.fd.check_extension(uapi.KVM_CAP_ARM_NISV_TO_USER):
+            vm.nisv_to_user = "not offered by this KVM"
+            return
+        try:
+            vm.fd.enable_cap(uapi.KVM_CAP_ARM_NISV_TO_USER)
+        except KvmError as err:
+            vm.nisv_to_user = f"KVM_ENABLE_CAP failed: {err.errno_name}"
+        else:
+            vm.nisv_to_user = "enabled"
 
     def _irq(self, vm, spi: int, level: bool) -> None:
         if vm.irqchip is not None and not vm.fd.closed:
@@ -89,17 +107,9 @@ class Arm64:
         return size
 
     def check_before_run(self, vm) -> None:
-        """pKVM pins every page the guest touches and charges it to RLIMIT_MEMLOCK (CAP_IPC_LOCK exempts)."""
-        if not vm.protected:
-            return
-        ml = MemlockInfo.read()
-        total = vm.memory.total
-        if not ml.cap_ipc_lock and ml.rlimit_soft is not None and ml.rlimit_soft < total:
-            raise ConfigError(
-                f"RLIMIT_MEMLOCK is {ml.rlimit_soft} bytes but the protected VM has {total} bytes of memory: pKVM pins "
-                "every page the guest touches and charges it to RLIMIT_MEMLOCK, so KVM_RUN would fail with ENOMEM; "
-                "raise it (ulimit -l) or give the VMM CAP_IPC_LOCK"
-            )
+        """pKVM pins every page the guest touches and charges it to RLIMIT_MEMLOCK (pkvm.check_memlock)."""
+        if vm.protected:
+            pkvm.check_memlock(vm)
 
     def load_pvmfw(self, vm, path: str) -> int:
         """Android's pKVM ABI: put pvmfw in its own memslot and tell KVM its IPA (KVM_CAP_ARM_PROTECTED_VM,
@@ -167,8 +177,11 @@ class Arm64:
         vm.dtb = dtb
         cpu.enter(vm.vcpus[0], entry, args)
 
-    def registers(self, vcpu: VcpuFd) -> dict[str, int]:
+    def registers(self, vcpu: VcpuFd) -> RegisterDump:
         return cpu.registers(vcpu)
+
+    def code_address(self, vcpu: VcpuFd, vm) -> tuple[int | None, str]:
+        return cpu.code_address(vcpu, vm)
 
     def pc(self, vcpu: VcpuFd) -> int:
         return vcpu.get_one_reg(cpu.PC)

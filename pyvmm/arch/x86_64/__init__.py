@@ -16,12 +16,14 @@ from ...kvm.vcpu import VcpuFd
 from ...loader import EM_X86_64, is_elf, load_elf, load_flat, read_image
 from ...memory.regions import MemoryRules
 from ...outcome import ExitKind, Outcome
+from .. import RegisterDump
 from . import cpu, layout, linux
 
 from devices.debug_exit import DebugExit
 from devices.reset_control import ResetControl
 from devices.testdev import SIZE as TESTDEV_SIZE
-from devices.testdev import MmioTestDevice
+from devices.testdev import PORT_SIZE as PORT_TEST_SIZE
+from devices.testdev import MmioTestDevice, PortTestDevice
 from devices.uart16550 import Uart16550
 
 BOOT_MODES = ("auto", "real", "long", "linux")
@@ -31,6 +33,9 @@ class X86_64:
     name = "x86_64"
     ram_base = 0
     max_vcpus_cap = uapi.KVM_CAP_MAX_VCPUS
+    max_vcpus = layout.MAX_VCPUS
+    max_vcpus_why = (f"one {layout.STACK_SIZE:#x}-byte boot stack per vCPU between {layout.STACK_BOTTOM:#x} "
+                     f"and {layout.STACK_TOP:#x}")
     default_image = "hello"
 
     def vm_type(self, kvm, protected: bool, ipa_bits: int | None) -> int:
@@ -61,7 +66,9 @@ class X86_64:
         vm.io_bus.insert(ResetControl(reset), layout.RESET_CONTROL_PORT, 1, "reset-control")
         testdev = MmioTestDevice()
         vm.mmio_bus.insert(testdev, layout.TEST_DEVICE_MMIO, TESTDEV_SIZE, "test-device")
-        vm.devices.update(uart=uart, testdev=testdev)
+        porttest = PortTestDevice()
+        vm.io_bus.insert(porttest, layout.PORT_TEST_DEVICE_PORT, PORT_TEST_SIZE, "port-test-device")
+        vm.devices.update(uart=uart, testdev=testdev, porttest=porttest)
 
     def init_vcpus(self, vm) -> None:
         supported = vm.kvm.supported_cpuid()
@@ -108,20 +115,22 @@ class X86_64:
                 cpu.enter_real_mode(vcpu, addr, addr, 0x7000 - vcpu.vcpu_id * 0x100,
                                     dict(rdi=ram, rsi=vcpu.vcpu_id, rdx=nvcpus))
             return
-        cpu.write_boot_tables(vm.memory)
         if mode == "linux":
             if nvcpus != 1:
                 raise ConfigError("Linux boot on x86_64 supports one vCPU (no in-kernel irqchip or MP tables yet)")
             initrd_data = read_image(initrd) if initrd else None
+            cpu.write_boot_tables(vm.memory)
             boot = linux.load_bzimage(vm.memory, ram, data, cmdline, initrd_data)
             cpu.enter_long_mode(vm.vcpus[0], boot.entry, layout.STACK_TOP, dict(rsi=boot.boot_params))
             return
+        reserved = layout.reserved_ranges(nvcpus)
         if is_elf(data):
-            img = load_elf(vm.memory, data)
+            img = load_elf(vm.memory, data, avoid=reserved)
             if img.elf_machine != EM_X86_64 or img.elf_class != 2:
                 raise ConfigError(f"{image}: not an x86_64 ELF64 image (e_machine {img.elf_machine})")
         else:
-            img = load_flat(vm.memory, data, layout.KERNEL_LOAD if load_addr is None else load_addr)
+            img = load_flat(vm.memory, data, layout.KERNEL_LOAD if load_addr is None else load_addr, avoid=reserved)
+        cpu.write_boot_tables(vm.memory)  # after the image: a load that would overlap them was refused
         for vcpu in vm.vcpus:
             cpu.enter_long_mode(vcpu, img.entry, layout.STACK_TOP - vcpu.vcpu_id * layout.STACK_SIZE,
                                 dict(rdi=ram, rsi=vcpu.vcpu_id, rdx=nvcpus))
@@ -129,8 +138,11 @@ class X86_64:
     def check_before_run(self, vm) -> None:
         pass
 
-    def registers(self, vcpu: VcpuFd) -> dict[str, int]:
+    def registers(self, vcpu: VcpuFd) -> RegisterDump:
         return cpu.registers(vcpu)
+
+    def code_address(self, vcpu: VcpuFd, vm) -> tuple[int | None, str]:
+        return cpu.code_address(vcpu)
 
     def pc(self, vcpu: VcpuFd) -> int:
         return vcpu.get_regs().rip

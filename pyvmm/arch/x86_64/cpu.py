@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import ctypes
+
 from ...kvm import uapi_x86 as x86
+from ...kvm.errors import KvmError
 from ...kvm.vcpu import VcpuFd
+from .. import RegisterDump
 from ...memory.regions import GuestMemory
 from . import layout
 
@@ -90,11 +94,84 @@ def enter_real_mode(vcpu: VcpuFd, load_addr: int, entry: int, stack: int, args: 
     vcpu.set_regs(regs)
 
 
-def registers(vcpu: VcpuFd) -> dict[str, int]:
-    """The registers a fault report shows."""
-    regs = vcpu.get_regs()
-    sregs = vcpu.get_sregs()
-    out = {name: getattr(regs, name) for name, _ in x86.kvm_regs._fields_}
-    out.update(cr0=sregs.cr0, cr2=sregs.cr2, cr3=sregs.cr3, cr4=sregs.cr4, efer=sregs.efer,
-               cs_selector=sregs.cs.selector, cs_base=sregs.cs.base, cs_long=sregs.cs.l)
+SEGMENTS = ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt")
+
+
+def segment_attrs(seg: x86.kvm_segment) -> int:
+    """A segment's attributes packed as VMX's access-rights field: type[3:0] s[4] dpl[6:5] p[7] avl[12]
+    l[13] db[14] g[15] unusable[16]."""
+    return (seg.type | seg.s << 4 | seg.dpl << 5 | seg.present << 7 | seg.avl << 12 | seg.l << 13 | seg.db << 14
+            | seg.g << 15 | seg.unusable << 16)
+
+
+def _refusal(err: KvmError) -> str:
+    return f"{err.call}: {err.errno_name} ({err.meaning})"
+
+
+def _flatten(struct: ctypes.Structure, prefix: str = "") -> dict[str, int]:
+    out: dict[str, int] = {}
+    for name, ftype in struct._fields_:
+        if name in ("pad", "reserved"):
+            continue
+        value = getattr(struct, name)
+        if isinstance(value, ctypes.Structure):
+            out.update(_flatten(value, f"{prefix}{name}_"))
+        else:
+            out[prefix + name] = value
     return out
+
+
+def registers(vcpu: VcpuFd) -> RegisterDump:
+    """The registers a fault report shows: GPRs, rip, rflags, every segment (selector, base, limit,
+    attrs), gdt/idt, control registers, efer, apic_base; ``events`` from KVM_GET_VCPU_EVENTS."""
+    values: dict[str, int] = {}
+    refused: dict[str, str] = {}
+    gprs = [name for name, _ in x86.kvm_regs._fields_]
+    try:
+        regs = vcpu.get_regs()
+        values.update((name, getattr(regs, name)) for name in gprs)
+    except KvmError as err:  # e.g. a guest whose state KVM keeps encrypted (SEV-ES, TDX)
+        refused.update((name, _refusal(err)) for name in gprs)
+    sreg_names = [f"{seg}_{part}" for seg in SEGMENTS for part in ("selector", "base", "limit", "attrs")]
+    sreg_names += ["gdt_base", "gdt_limit", "idt_base", "idt_limit", "cr0", "cr2", "cr3", "cr4", "cr8", "efer",
+                   "apic_base"]
+    try:
+        sregs = vcpu.get_sregs()
+    except KvmError as err:
+        refused.update((name, _refusal(err)) for name in sreg_names)
+    else:
+        for name in SEGMENTS:
+            seg = getattr(sregs, name)
+            values.update({f"{name}_selector": seg.selector, f"{name}_base": seg.base, f"{name}_limit": seg.limit,
+                           f"{name}_attrs": segment_attrs(seg)})
+        values.update(gdt_base=sregs.gdt.base, gdt_limit=sregs.gdt.limit, idt_base=sregs.idt.base,
+                      idt_limit=sregs.idt.limit, cr0=sregs.cr0, cr2=sregs.cr2, cr3=sregs.cr3, cr4=sregs.cr4,
+                      cr8=sregs.cr8, efer=sregs.efer, apic_base=sregs.apic_base)
+    events = None
+    try:
+        events = _flatten(vcpu.get_vcpu_events())
+    except KvmError as err:
+        refused["events"] = _refusal(err)
+    return RegisterDump(values, refused, events)
+
+
+def code_address(vcpu: VcpuFd) -> tuple[int | None, str]:
+    """The guest-physical address of CS:RIP: cs.base + ip in real mode or with paging off, else
+    KVM_TRANSLATE of the linear address through the guest's page tables."""
+    try:
+        regs, sregs = vcpu.get_regs(), vcpu.get_sregs()
+    except KvmError as err:
+        return None, f"registers unavailable: {_refusal(err)}"
+    if not sregs.cr0 & x86.X86_CR0_PE:
+        return sregs.cs.base + (regs.rip & 0xFFFF), "real mode: cs.base + ip"
+    long_mode = bool(sregs.efer & x86.EFER_LMA) and sregs.cs.l
+    linear = regs.rip if long_mode else (sregs.cs.base + regs.rip) & 0xFFFFFFFF
+    if not sregs.cr0 & x86.X86_CR0_PG:
+        return linear, "paging off: cs.base + rip"
+    try:
+        tr = vcpu.translate(linear)
+    except KvmError as err:
+        return None, f"cannot translate rip {linear:#x}: {_refusal(err)}"
+    if not tr.valid:
+        return None, f"rip {linear:#x} is not mapped by the guest's page tables (KVM_TRANSLATE: not valid)"
+    return tr.physical_address, f"KVM_TRANSLATE of rip {linear:#x}"

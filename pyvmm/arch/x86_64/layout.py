@@ -7,6 +7,8 @@ PDPT_ADDR = 0xA000
 PD_ADDR = 0xB000  # four pages: 4 GiB identity map with 2 MiB pages
 STACK_TOP = 0x80000  # per vCPU: STACK_TOP - id * STACK_SIZE
 STACK_SIZE = 0x1000
+STACK_BOTTOM = 0x40000
+MAX_VCPUS = (STACK_TOP - STACK_BOTTOM) // STACK_SIZE  # 64
 CMDLINE_ADDR = 0x20000
 CMDLINE_MAX = 0x10000
 REAL_MODE_DEFAULT_LOAD = 0x8000
@@ -15,10 +17,20 @@ EBDA_START = 0x9FC00
 HIGH_MEMORY = 0x100000
 MIN_RAM = 2 << 20
 
+BOOT_TABLES_END = PD_ADDR + 4 * 0x1000
+
+
+def reserved_ranges(nvcpus: int) -> list[tuple[int, int, str]]:
+    """What the long-mode boot writes besides the image: a loaded image must not overlap these."""
+    return [(GDT_ADDR, BOOT_TABLES_END, "the boot GDT and page tables"),
+            (STACK_TOP - nvcpus * STACK_SIZE, STACK_TOP, "the vCPUs' boot stacks")]
+
+
 # Platform devices
 COM1_PORT = 0x3F8
 DEBUG_EXIT_PORT = 0x501
 RESET_CONTROL_PORT = 0xCF9
+PORT_TEST_DEVICE_PORT = 0x510  # devices.testdev.PortTestDevice, PORT_SIZE (16) ports
 TEST_DEVICE_MMIO = 0xD000_0000
 TSS_ADDR = 0xFFFB_D000
 IDENTITY_MAP_ADDR = 0xFFFB_C000

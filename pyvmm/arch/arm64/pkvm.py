@@ -1,0 +1,193 @@
+"""pKVM protected VMs: every rule the kernel applies to them, in one place.
+
+Each rule is stated as Linux 7.2 has it (function names from arch/arm64/kvm/), so that a
+report's explanation points at the code that decided:
+
+- VM type (``kvm_arch_init_vm`` -> ``pkvm_init_host_vm``): ``KVM_VM_TYPE_ARM_PROTECTED`` is
+  accepted only when pKVM is enabled (``is_protected_kvm_enabled()``, i.e. the host booted with
+  ``kvm-arm.mode=protected``); otherwise ``KVM_CREATE_VM`` fails with EINVAL.
+- Memslots (``kvm_arch_prepare_memory_region``): a protected VM gets EPERM for a slot with
+  ``KVM_MEM_READONLY`` or ``KVM_MEM_LOG_DIRTY_PAGES``, and for deleting or moving a slot once
+  ``pkvm_hyp_vm_is_created()`` (the hypervisor's VM is made by ``pkvm_create_hyp_vm`` on the first
+  ``KVM_RUN``, from ``kvm_arch_vcpu_run_pid_change``).
+- Stage-2 faults (``kvm_handle_guest_abort`` -> ``pkvm_mem_abort``), in order:
+  ``topup_mmu_memcache`` fails -> ENOMEM; ``account_locked_vm(mm, 1, true)`` charges one page to
+  RLIMIT_MEMLOCK (``__account_locked_vm``: ENOMEM past the limit, CAP_IPC_LOCK bypasses);
+  ``pin_user_pages(hva, 1, FOLL_HWPOISON | FOLL_LONGTERM | FOLL_WRITE)`` that does not return one
+  page -> EFAULT (GUP's ``check_vma_flags`` refuses VM_IO/VM_PFNMAP VMAs, so a DMA-buf mmap such as
+  udmabuf's or a dma-heap's can never be pinned); a pinned folio that is not
+  ``folio_test_swapbacked`` -> EIO (page cache of regular files, guest_memfd and hugetlb folios;
+  anonymous memory and shmem/memfd pass).
+- Capabilities (``kvm_pkvm_ext_allowed``): a protected VM sees only a short list (IRQCHIP, PSCI,
+  vCPU counts, IPA size, ptrauth); ``KVM_CHECK_EXTENSION`` on its fd answers 0 for the rest and
+  ``KVM_ENABLE_CAP`` fails with EINVAL, ``KVM_CAP_ARM_NISV_TO_USER`` included.
+- Aborts without a valid syndrome (``io_mem_abort``): for a protected vCPU KVM injects a
+  synchronous external abort into the guest (``kvm_inject_sea_dabt``) instead of exiting.
+- Host access to guest pages: after the first run a page belongs to the guest until it shares it;
+  a host access through a system call makes pKVM reclaim (and zero) it, and the guest's next access
+  to it fails in ``pkvm_mem_abort``.
+"""
+
+from __future__ import annotations
+
+import errno as errno_mod
+from typing import TYPE_CHECKING, Callable
+
+from ... import hostmem
+from ...hostinfo import MemlockInfo, kvm_arm_mode
+from ...kvm import uapi
+from ...kvm.errors import ConfigError, GuestMemoryError, MissingFeature
+from ...memory.regions import pages
+
+if TYPE_CHECKING:
+    from ...memory.regions import GuestMemory, MemoryRules
+    from ...report import FaultReport, SlotInfo
+    from ...vm import Vm
+
+
+# --- VM type ----------------------------------------------------------------------------
+def vm_type_bits(mode: str | None = None) -> int:
+    """The bits a protected VM adds to KVM_CREATE_VM's type; refuses a host without pKVM."""
+    mode = kvm_arm_mode() if mode is None else mode
+    if mode != "protected":
+        raise MissingFeature(
+            f"protected VMs need pKVM: boot the host with kvm-arm.mode=protected (it has "
+            f"{'kvm-arm.mode=' + mode if mode else 'no kvm-arm.mode'}; kvm_arch_init_vm refuses "
+            "KVM_VM_TYPE_ARM_PROTECTED with EINVAL when is_protected_kvm_enabled() is false)")
+    return uapi.KVM_VM_TYPE_ARM_PROTECTED
+
+
+# --- memslots ---------------------------------------------------------------------------
+def restrict_memory_rules(rules: "MemoryRules") -> "MemoryRules":
+    """kvm_arch_prepare_memory_region: no READONLY/LOG_DIRTY slots; no delete/move after the first run."""
+    rules.readonly_allowed = False
+    rules.log_dirty_allowed = False
+    rules.frozen_after_run = True
+    rules.vm_kind = "protected"
+    return rules
+
+
+def access_guard(memory: "GuestMemory") -> Callable[[int, int, bool], None]:
+    """The guard ``GuestMemory`` calls before the VMM touches a protected guest's memory."""
+
+    def guard(gpa: int, size: int, write: bool) -> None:
+        # After a protected VM has run, its pages are the guest's unless it shared them.  A host
+        # access to a guest-owned page is not harmless: through a system call the kernel reclaims
+        # the page from the guest (which then faults with EFAULT); directly it is SIGSEGV.  So
+        # refuse, before touching anything, unless the range was declared shared.
+        if not memory.has_run:
+            return
+        for page in pages(gpa, size):
+            if page not in memory.shared_pages:
+                raise GuestMemoryError(
+                    f"guest page {page * hostmem.PAGE_SIZE:#x} belongs to the protected guest (it has not shared "
+                    "it): a host access would make pKVM reclaim the page from the guest. Declare it shared "
+                    "(memory.declare_shared) once the guest has shared it, or pass force=True to access it anyway"
+                )
+
+    return guard
+
+
+# --- before KVM_RUN ---------------------------------------------------------------------
+def check_memlock(vm: "Vm", memlock: MemlockInfo | None = None) -> None:
+    """pkvm_mem_abort charges every page the guest touches with account_locked_vm(): without
+    CAP_IPC_LOCK the guest's memory must fit in RLIMIT_MEMLOCK or KVM_RUN fails with ENOMEM."""
+    ml = memlock or MemlockInfo.read()
+    total = vm.memory.total
+    if not ml.cap_ipc_lock and ml.rlimit_soft is not None and ml.rlimit_soft < total:
+        raise ConfigError(
+            f"RLIMIT_MEMLOCK is {ml.rlimit_soft} bytes but the protected VM has {total} bytes of memory: pKVM pins "
+            "every page the guest touches and charges it to RLIMIT_MEMLOCK (pkvm_mem_abort -> account_locked_vm), "
+            "so KVM_RUN would fail with ENOMEM; raise it (ulimit -l) or give the VMM CAP_IPC_LOCK"
+        )
+
+
+# --- capabilities -------------------------------------------------------------------------
+NISV_REFUSED = ("kvm_pkvm_ext_allowed() hides KVM_CAP_ARM_NISV_TO_USER from protected VMs, and io_mem_abort "
+                "injects an external abort into a protected guest instead of exiting (kvm_inject_sea_dabt)")
+
+
+# --- faults -------------------------------------------------------------------------------
+def _pfn_mapped(s: "SlotInfo") -> bool:
+    return bool(s.nature.get("pfn_mapped")) or bool(s.vmflags & {"pf", "io"})
+
+
+def _not_swap_backed(s: "SlotInfo") -> bool:
+    sb = s.nature.get("swap_backed")
+    return sb is False
+
+
+def infer_faulting_slot(report: "FaultReport") -> tuple[int | None, str | None]:
+    """arm64 has no KVM_EXIT_MEMORY_FAULT from pkvm_mem_abort: when exactly one slot fits the rule that
+    gives this errno, name it (and say it was inferred)."""
+    err = report.errno
+    if err == errno_mod.EFAULT and not report.forced_pages:
+        fits = [s for s in report.slots if _pfn_mapped(s)]
+        why = "inferred: the only VM_PFNMAP/VM_IO slot, and pin_user_pages() fails with EFAULT only there"
+    elif err == errno_mod.EIO:
+        fits = [s for s in report.slots if _not_swap_backed(s)]
+        why = "inferred: the only slot whose pages are not swap-backed (pkvm_mem_abort's EIO)"
+    else:
+        return None, None
+    if len(fits) == 1:
+        return fits[0].slot, why
+    return None, None
+
+
+def _why_not_swap_backed(s: "SlotInfo") -> str:
+    n = s.nature
+    if n.get("hugetlb"):
+        return "hugetlbfs folios are never swap-backed"
+    if n.get("guest_memfd"):
+        return "guest_memfd folios are not swap-backed"
+    if n.get("file_path"):
+        return f"{n['file_path']} is a regular file on {n.get('filesystem') or 'a non-shmem filesystem'}: page-cache folios"
+    return "its folios are not swap-backed"
+
+
+def fault_causes(report: "FaultReport", candidates: list["SlotInfo"]) -> list[str]:
+    """The likely causes of a protected VM's failure, by pkvm_mem_abort's rules.  Pure."""
+    causes: list[str] = []
+    err = report.errno
+    if err == errno_mod.EFAULT and report.forced_pages:
+        pages = ", ".join(f"{p:#x}" for p in report.forced_pages[:8])
+        causes.append(f"the VMM read or wrote guest-owned page(s) {pages} with force=True: pKVM reclaimed them from "
+                      "the protected guest (zeroed), and the guest's next access to them fails with EFAULT")
+    if err == errno_mod.EFAULT:
+        for s in (c for c in candidates if _pfn_mapped(c)):
+            flags = " ".join(sorted(s.vmflags & {"pf", "io"})) or "from the backing"
+            causes.append(
+                f"slot {s.slot} ({s.backing}) is mapped VM_PFNMAP/VM_IO (VmFlags {flags}): a protected VM's pages "
+                "are pinned with pin_user_pages(FOLL_LONGTERM) when the guest first touches them (pkvm_mem_abort), "
+                "and GUP's check_vma_flags() refuses VM_IO/VM_PFNMAP mappings such as a DMA-buf mmap (udmabuf, "
+                "dma-heap), so pkvm_mem_abort returns EFAULT"
+            )
+    elif err == errno_mod.EIO:
+        named = [s for s in candidates if _not_swap_backed(s)]
+        if named:
+            for s in named:
+                causes.append(
+                    f"slot {s.slot} ({s.backing}): {_why_not_swap_backed(s)}; pkvm_mem_abort pins each page and "
+                    "refuses a folio that is not folio_test_swapbacked() with EIO (only anonymous memory and "
+                    "shmem/memfd are swap-backed)")
+        else:
+            causes.append("a protected VM's pages must be swap-backed (anonymous memory or shmem: memfd, tmpfs); "
+                          "pkvm_mem_abort refuses other folios (page cache, guest_memfd, hugetlb) with EIO")
+    elif err == errno_mod.ENOMEM:
+        ml = report.memlock
+        lim = "unlimited" if ml.get("rlimit_soft") is None else f"{ml.get('rlimit_soft')} bytes"
+        causes.append(
+            f"pkvm_mem_abort charges each page the guest touches with account_locked_vm(), which fails with ENOMEM "
+            f"past RLIMIT_MEMLOCK ({lim})" + ("" if ml.get("cap_ipc_lock") else " since the VMM lacks CAP_IPC_LOCK")
+            + ": raise it (ulimit -l) to at least the guest's memory size; ENOMEM also comes from "
+            "topup_mmu_memcache when the host is out of memory")
+    elif err == errno_mod.EPERM:
+        causes.append("kvm_arch_prepare_memory_region refuses a protected VM's READONLY or LOG_DIRTY_PAGES memslots, "
+                      "and deleting or moving a memslot after its first KVM_RUN (once pkvm_hyp_vm_is_created())")
+    elif err == errno_mod.EINVAL and report.call and "ENABLE_CAP" in report.call:
+        causes.append(NISV_REFUSED)
+    return causes
+
+
+__all__ = ["vm_type_bits", "restrict_memory_rules", "access_guard", "check_memlock", "infer_faulting_slot",
+           "fault_causes", "NISV_REFUSED"]
