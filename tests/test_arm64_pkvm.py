@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from pyvmm.kvm import uapi
-from pyvmm.kvm.errors import ConfigError, GuestMemoryError, KvmError
+from pyvmm.kvm.errors import ConfigError, GuestMemoryError, KvmError, MissingFeature
 from pyvmm.outcome import ExitKind
 from pyvmm.vm import Vm
 from tests.arm64 import ROOT, guest, require_arm64_kvm, require_pkvm
@@ -228,7 +228,7 @@ def test_no_slot_delete_after_first_run(pkvm):
 MEMLOCK_SCRIPT = r"""
 import resource, sys
 resource.setrlimit(resource.RLIMIT_MEMLOCK, (0, 0))
-from pyvmm.kvm.errors import PyvmmError
+from pyvmm.kvm.errors import ConfigError
 from pyvmm.vm import Vm
 with Vm(protected=True) as vm:
     vm.add_memory(8 << 20)
@@ -236,7 +236,7 @@ with Vm(protected=True) as vm:
     vm.boot(sys.argv[1])
     try:
         vm.run(timeout=60)
-    except PyvmmError as e:
+    except ConfigError as e:
         print("PRECHECK:", e)
     out = vm.run(timeout=60, precheck=False)
     print("RUN:", out.kind.value, out.report.errno_name if out.report else None)
@@ -267,7 +267,7 @@ def test_pvmfw_needs_the_android_abi(pkvm, tmp_path):
         vm.create_vcpus(1)
         if vm.fd.check_extension(uapi.KVM_CAP_ARM_PROTECTED_VM):
             pytest.skip("this kernel has Android's pKVM ABI")
-        with pytest.raises(Exception, match="Android's pKVM ABI .*upstream protected-VM ABI"):
+        with pytest.raises(MissingFeature, match="Android's pKVM ABI .*upstream protected-VM ABI"):
             vm.boot(guest("hello"), pvmfw=str(fw))
 
 

@@ -97,6 +97,8 @@ def test_rule_pfnmap_on_protected_vm():
 def test_rule_pfnmap_on_normal_vm_is_not_blamed():
     causes = likely_causes(_report(errno.EFAULT, kind="normal", vmflags=["rd", "wr", "sh", "io", "pf"]))
     assert not any("pin_user_pages" in c for c in causes)
+    assert causes == ["KVM could not fault in the host page behind the guest address (hva_to_pfn failed): the host "
+                      "mapping is missing, lacks permission, or cannot be pinned"]
 
 
 def test_rule_eio_enomem_eperm_on_protected_vm():

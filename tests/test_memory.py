@@ -78,5 +78,6 @@ def test_remove_region_closes_backing(vm):
     fd = region.backing.memfd
     vm.memory.remove(region)
     assert vm.memory.find(0) is None
-    with pytest.raises(OSError):
+    with pytest.raises(OSError) as info:
         __import__("os").fstat(fd)
+    assert info.value.errno == __import__("errno").EBADF

@@ -87,8 +87,9 @@ def test_close_closes_everything_then_raises_the_first_error(monkeypatch):
     real_munmap(hva, 0x10000)
     assert calls == [hva] and b.hva == 0 and b._fds == []
     for fd in fds:  # every fd was closed despite the munmap failure
-        with pytest.raises(OSError):
+        with pytest.raises(OSError) as info:
             os.fstat(fd)
+        assert info.value.errno == errno.EBADF
     assert issubclass(MemfdBacking, Backing)
 
 

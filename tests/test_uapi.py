@@ -282,10 +282,24 @@ def test_signal_mask_carries_the_sigset():
     assert ctypes.sizeof(uapi.kvm_signal_mask) == 4
 
 
-def test_protected_vm_type_is_passed_unsigned():
-    """KVM_VM_TYPE_ARM_PROTECTED is bit 31: it must go to ioctl as unsigned long, not a C int."""
+def test_protected_vm_type_is_passed_unsigned(monkeypatch):
+    """KVM_VM_TYPE_ARM_PROTECTED is bit 31: create_vm must hand it to ioctl(2) as unsigned long, not a C int."""
     from pyvmm.kvm import ioctl as ioctl_mod
+    from pyvmm.kvm.errors import KvmError
+    from pyvmm.kvm.system import Kvm
 
-    arg = ctypes.c_ulong(uapi.KVM_VM_TYPE_ARM_PROTECTED | 40).value
-    assert arg == 0x80000028
-    assert ioctl_mod._ioctl.argtypes[2] is ctypes.c_void_p  # pointer-sized, carries the full value
+    seen = []
+
+    def fake_ioctl(fd, request, arg):
+        seen.append((request, arg))
+        return -1 if request == uapi.KVM_CREATE_VM else 12
+
+    monkeypatch.setattr(ioctl_mod, "_ioctl", fake_ioctl)
+    monkeypatch.setattr(ctypes, "get_errno", lambda: 22)
+    kvm = Kvm.__new__(Kvm)
+    kvm._fd = 0  # never a real ioctl: _ioctl is replaced
+    with pytest.raises(KvmError) as info:
+        kvm.create_vm(uapi.KVM_VM_TYPE_ARM_PROTECTED | 40)
+    kvm._fd = -1
+    assert (uapi.KVM_CREATE_VM, 0x80000028) in seen
+    assert info.value.call == "KVM_CREATE_VM" and info.value.errno == 22
