@@ -264,9 +264,11 @@ class KmsgFilter:
     names: set[str] = field(default_factory=set)
 
     @classmethod
-    def for_this_process(cls, vcpu_tids: dict[int, int] | None = None) -> "KmsgFilter":
+    def for_this_process(cls, vcpu_tids: dict[int, int] | None = None,
+                         past_tids: set[int] | frozenset[int] = frozenset()) -> "KmsgFilter":
+        """``past_tids``: tasks of ours that have ended (vCPU threads of earlier runs, a halted vCPU's)."""
         pid = os.getpid()
-        tids = set((vcpu_tids or {}).values())
+        tids = set((vcpu_tids or {}).values()) | set(past_tids)
         names = {f"pyvmm-vcpu{i}" for i in (vcpu_tids or {})}
         for tid_dir in _listdir("/proc/self/task"):
             if tid_dir.isdigit():

@@ -526,7 +526,8 @@ def _collect_kernel_log(report: FaultReport, vm: "Vm", tids: dict[int, int]) -> 
         return
     report.kernel_log_unavailable = kmsg.unavailable
     records = kmsg.poll_records() if hasattr(kmsg, "poll_records") else []
-    kept, dropped = hostinfo.filter_kmsg(records, hostinfo.KmsgFilter.for_this_process(tids))
+    kept, dropped = hostinfo.filter_kmsg(records, hostinfo.KmsgFilter.for_this_process(
+        tids, _call(vm, "vcpu_all_tids", set())))
     report.kernel_log = [r.line() for r in kept]
     report.kernel_log_records = [asdict(r) for r in kept]
     report.kernel_log_dropped = dropped

@@ -95,6 +95,10 @@ class RunLoop:
                 self.finish(Outcome(ExitKind.TIMEOUT, detail=f"the guest did not finish within {timeout} s"))
         except KeyboardInterrupt:
             self.finish(Outcome(ExitKind.STOPPED, detail="interrupted (SIGINT)"))
+        except BaseException:  # e.g. a thread that could not start: stop the ones that did, then say why
+            self.finish(Outcome(ExitKind.STOPPED, detail="the run could not start"))
+            self._join_all()
+            raise
         stuck = self._join_all()
         outcome = self._outcome
         if stuck:
@@ -112,7 +116,7 @@ class RunLoop:
         try:
             for vcpu in self.vcpus:
                 if vcpu.state is not VcpuState.HALTED:
-                    vcpu.start(self._vcpu_main)
+                    vcpu.start(self._dispatch, self._vcpu_error)
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
@@ -141,12 +145,14 @@ class RunLoop:
         return total
 
     # --- one vCPU's thread ------------------------------------------------------------------
-    def _vcpu_main(self, vcpu: Vcpu) -> None:
+    def _vcpu_error(self, vcpu: Vcpu, exc: Exception) -> None:
+        """A bug in a device or in pyvmm on a vCPU thread: end the VM with a report, not a hang."""
+        log.error("vCPU %d: unexpected error", vcpu.index, exc_info=exc)
         try:
-            self._dispatch(vcpu)
-        except Exception as exc:  # a bug in a device or in pyvmm: end the VM with a report, not a hang
-            log.exception("vCPU %d: unexpected error", vcpu.index)
             self._fault(vcpu, f"pyvmm error on vCPU {vcpu.index}: {exc!r}")
+        except Exception:  # the report itself failed: still end the run
+            log.exception("vCPU %d: no report", vcpu.index)
+            self.finish(Outcome(ExitKind.FAULT, vcpu.index, detail=f"pyvmm error on vCPU {vcpu.index}: {exc!r}"))
 
     def _dispatch(self, vcpu: Vcpu) -> None:
         handlers = self._handlers
@@ -173,13 +179,20 @@ class RunLoop:
 
     def _end_with_report(self, vcpu: Vcpu, kind: ExitKind, detail: str, what: str, status: int | None = None,
                          **report_args) -> None:
-        """Stop the other vCPUs first (a vCPU inside KVM_RUN cannot have its registers read), then report."""
+        """Claim the outcome (a timeout meanwhile cannot replace it), stop the other vCPUs (one inside
+        KVM_RUN cannot have its registers read), then build the report while the VM still exists."""
+        outcome = Outcome(kind, vcpu.index, status=status, detail=detail)
+        with self._lock:
+            claimed = self._outcome is None
+            if claimed:
+                self._outcome = outcome
         self._stopping.set()
         for other in self.vcpus:
             if other is not vcpu:
                 other.kick()
-        report = build_report(self.vm, vcpu.fd, what, **report_args)
-        self.finish(Outcome(kind, vcpu.index, status=status, detail=detail, report=report))
+        if claimed:
+            outcome.report = build_report(self.vm, vcpu.fd, what, **report_args)
+        self.finish(outcome)
 
     # --- exits ------------------------------------------------------------------------------
     def _io(self, vcpu: Vcpu, exit: exits.Io) -> bool:

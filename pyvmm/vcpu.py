@@ -53,6 +53,7 @@ class Vcpu:
         self.state = VcpuState.IDLE
         self.exit_counts: dict[int, int] = {}  # exit reason -> count, this run; written by this vCPU's thread only
         self.tid: int | None = None  # the thread's kernel task id, while it runs
+        self.tids: set[int] = set()  # every task id this vCPU's threads have had (kernel-log attribution)
         self.thread_name = f"pyvmm-vcpu{self.index}"
         self._thread: threading.Thread | None = None
         self._in_thread = False  # True while the thread may be signalled (guarded by _lock)
@@ -61,27 +62,36 @@ class Vcpu:
         self._lock = threading.Lock()
 
     # --- the thread ------------------------------------------------------------------------
-    def start(self, body: Callable[["Vcpu"], None]) -> None:
-        """Run ``body(self)`` on a new thread; ``body`` calls ``run_once()`` until it is done."""
+    def start(self, body: Callable[["Vcpu"], None], on_error: Callable[["Vcpu", Exception], None]) -> None:
+        """Run ``body(self)`` on a new thread; ``body`` calls ``run_once()`` until it is done.
+        Any exception on that thread (its set-up included) goes to ``on_error`` on that thread."""
         if self.alive:
-            raise RuntimeError(f"vCPU {self.index} is already running")
+            raise RuntimeError(f"vCPU {self.index} is still running (a previous run could not stop it)")
         self.exit_counts = {}
         self.fd.set_immediate_exit(False)
         self._finished.clear()  # before the thread exists: a join can never miss a thread that is starting
-        self._thread = threading.Thread(target=self._main, args=(body,), name=f"vcpu{self.index}", daemon=True)
-        self._thread.start()
-
-    def _main(self, body: Callable[["Vcpu"], None]) -> None:
-        signal.pthread_sigmask(signal.SIG_BLOCK, BLOCKED_IN_VCPU_THREADS)
-        _set_thread_name(self.thread_name)
-        self.tid = threading.get_native_id()
-        with self._lock:
-            self._in_thread = True
-            self.state = VcpuState.RUNNING
+        self._thread = threading.Thread(target=self._main, args=(body, on_error), name=f"vcpu{self.index}",
+                                        daemon=True)
         try:
+            self._thread.start()
+        except RuntimeError:  # "can't start new thread": it never existed
+            self._finished.set()
+            raise
+
+    def _main(self, body: Callable[["Vcpu"], None], on_error: Callable[["Vcpu", Exception], None]) -> None:
+        try:
+            signal.pthread_sigmask(signal.SIG_BLOCK, BLOCKED_IN_VCPU_THREADS)
+            self.tid = threading.get_native_id()
+            self.tids.add(self.tid)
+            with self._lock:
+                self._in_thread = True
+                self.state = VcpuState.RUNNING
+            _set_thread_name(self.thread_name)
             inside_run = set(signal.pthread_sigmask(signal.SIG_BLOCK, [])) - {KICK_SIGNAL}
             self.fd.set_signal_mask(inside_run)
             body(self)
+        except Exception as exc:
+            on_error(self, exc)
         finally:
             with self._lock:
                 self._in_thread = False

@@ -16,13 +16,13 @@ from .arch import Arch, host_arch
 from .bus import Bus
 from .hostinfo import KmsgWatcher
 from .kvm import Kvm
-from .kvm.errors import ConfigError
+from .kvm.errors import ConfigError, PyvmmError
 from .kvm.vcpu import VcpuFd
 from .memory.backing import Backing, BackingSpec
 from .memory.regions import GuestMemory, MemoryRegion
 from .kvm.fd import close_all
 from .outcome import ExitKind, Outcome
-from .runloop import RunLoop
+from .runloop import JOIN_LIMIT, RunLoop
 from .vcpu import Vcpu
 
 
@@ -58,6 +58,8 @@ class Vm:
         self._runners: list[Vcpu] = []  # the same vCPUs with their threads (pyvmm/vcpu.py)
         self._runloop: RunLoop | None = None
         self._run_lock = threading.Lock()
+        self._idle = threading.Event()  # clear while run() is in progress
+        self._idle.set()
         self._last_counts: dict[str, int] = {}
         self.fd = None
         self.memory: GuestMemory | None = None
@@ -130,7 +132,12 @@ class Vm:
             self.arch.check_before_run(self)
         if not self._run_lock.acquire(blocking=False):
             raise ConfigError("the VM is already running (Vm.run() was called from another thread)")
+        self._idle.clear()
         try:
+            stuck = [v.index for v in self._runners if v.alive]
+            if stuck:
+                raise ConfigError(f"vCPU {', '.join(map(str, stuck))} of a previous run never left KVM_RUN; "
+                                  "this VM cannot run again")
             self.memory.has_run = True
             self._runloop = RunLoop(self, self._runners)
             try:
@@ -139,6 +146,7 @@ class Vm:
                 self._last_counts = self._runloop.exit_counts()
                 self._runloop = None
         finally:
+            self._idle.set()
             self._run_lock.release()
 
     def request_stop(self, outcome: Outcome) -> None:
@@ -157,6 +165,10 @@ class Vm:
         """vCPU index -> kernel task id of its thread, for the vCPUs running now (kernel-log attribution)."""
         return {v.index: v.tid for v in self._runners if v.tid is not None}
 
+    def vcpu_all_tids(self) -> set[int]:
+        """Every task id any of this VM's vCPU threads has had (threads of earlier runs included)."""
+        return {tid for v in self._runners for tid in v.tids}
+
     def vcpu_states(self) -> dict[int, str]:
         return {v.index: v.state.value for v in self._runners}
 
@@ -164,8 +176,13 @@ class Vm:
     def close(self) -> None:
         """Close everything this VM owns, even when a step fails; then raise the first failure."""
         loop = self._runloop
-        if loop is not None:  # closed while another thread runs it: stop the vCPUs first
+        if loop is not None:  # closed while another thread runs it: stop it and let run() return first
             loop.finish(Outcome(ExitKind.STOPPED, detail="the VM was closed"))
+            self._idle.wait(JOIN_LIMIT + 1)
+        stuck = [v for v in self._runners if v.alive]
+        if stuck:  # a thread still in KVM_RUN would use freed fds and memory: keep them, say so
+            raise PyvmmError(f"vCPU {', '.join(str(v.index) for v in stuck)} never left KVM_RUN: the VM's fds and "
+                             "guest memory are left open (closing them under a running vCPU is not safe)")
         vcpus, self.vcpus, self._runners = self.vcpus, [], []
         on_close, self.on_close = self.on_close, []
         close_all([

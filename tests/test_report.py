@@ -180,8 +180,15 @@ def test_pfnmap_rule_names_the_kernel_functions():
 
 
 def test_eperm_enomem_rules_name_the_kernel_functions():
-    assert "kvm_arch_prepare_memory_region" in likely_causes(report(errno.EPERM))[0]
-    assert "account_locked_vm" in likely_causes(report(errno.ENOMEM))[0]
+    eperm = report(errno.EPERM)
+    eperm.call = "KVM_SET_USER_MEMORY_REGION2"
+    assert "kvm_arch_prepare_memory_region" in likely_causes(eperm)[0]
+    enomem = report(errno.ENOMEM)
+    enomem.memlock = {"rlimit_soft": 1 << 20, "cap_ipc_lock": False}
+    assert "account_locked_vm" in likely_causes(enomem)[0] and "1048576 bytes" in likely_causes(enomem)[0]
+    for memlock in ({"rlimit_soft": None, "cap_ipc_lock": False}, {"rlimit_soft": 0, "cap_ipc_lock": True}):
+        enomem.memlock = memlock  # memlock cannot be the cause: only the host's memory
+        assert "RLIMIT_MEMLOCK is not the cause" in likely_causes(enomem)[0]
     assert likely_causes(report(errno.ENOMEM, kind="normal")) == [
         "the host ran out of memory while faulting in guest pages"]
 

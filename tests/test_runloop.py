@@ -375,3 +375,133 @@ def test_resume_after_a_run_stopped_during_an_mmio_read(x86_firmware):
         assert vm.console.text() == f"mmio-pending: 0x{FIRST_VALUE:016x} 0x{SECOND_VALUE:016x}\n"
         scratch = bytes(vm.devices["testdev"].scratch[:16])
         assert scratch == FIRST_VALUE.to_bytes(8, "little") + SECOND_VALUE.to_bytes(8, "little")
+
+
+# --- stop, close and failure paths found in review ----------------------------------------------------------
+
+def _wait_running(vm: Vm, thread: threading.Thread) -> None:
+    deadline = time.monotonic() + 10
+    while "running" not in vm.vcpu_states().values() and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.005)
+
+
+@pytest.mark.timeout(120)
+def test_close_while_another_thread_runs_the_vm(x86_firmware):
+    """Vm.close() from one thread while run() spins in another: run() returns STOPPED, never raises,
+    and nothing is closed under a vCPU still in KVM_RUN."""
+    for attempt in range(10):
+        vm = Vm()
+        vm.add_memory(2 << 20)
+        vm.create_vcpus(4)
+        vm.boot(os.path.join(x86_firmware, "spin"))
+        result: dict = {}
+
+        def runner():
+            try:
+                result["outcome"] = vm.run(timeout=30)
+            except BaseException as exc:  # what the test is about: nothing may escape
+                result["error"] = exc
+
+        before = set(threading.enumerate())
+        thread = threading.Thread(target=runner)
+        thread.start()
+        _wait_running(vm, thread)
+        time.sleep(0.002 * attempt)
+        vm.close()
+        thread.join(10)
+        assert not thread.is_alive()
+        assert "error" not in result, (attempt, result.get("error"))
+        assert result["outcome"].kind is ExitKind.STOPPED and result["outcome"].detail == "the VM was closed"
+        assert _new_threads(before) == []
+        assert vm.fd.closed and vm.vcpus == []
+
+
+@pytest.mark.timeout(60)
+def test_a_vcpu_that_cannot_start_stops_the_others(x86_firmware, monkeypatch):
+    from pyvmm import vcpu as vcpu_mod
+
+    real_start = vcpu_mod.Vcpu.start
+
+    def start(self, body, on_error):
+        if self.index == 1:
+            raise RuntimeError("can't start new thread")
+        real_start(self, body, on_error)
+
+    monkeypatch.setattr(vcpu_mod.Vcpu, "start", start)
+    with booted(x86_firmware, "spin", vcpus=2) as vm:
+        before = set(threading.enumerate())
+        with pytest.raises(RuntimeError, match="can't start new thread"):
+            vm.run(timeout=30)
+        assert _new_threads(before) == []
+        assert vm.vcpu_states()[0] == "exited"
+
+
+@pytest.mark.timeout(60)
+def test_a_fault_is_not_replaced_by_a_timeout_while_its_report_is_built(x86_firmware, monkeypatch):
+    from pyvmm import runloop
+
+    real = runloop.build_report
+
+    def slow_report(*args, **kwargs):
+        time.sleep(1.0)  # the run's timeout (0.3 s) passes meanwhile
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runloop, "build_report", slow_report)
+    with booted(x86_firmware, "shutdown-triple") as vm:
+        outcome = vm.run(timeout=0.3)
+    assert outcome.kind is ExitKind.SHUTDOWN
+    assert outcome.report is not None and outcome.report.exit_reason == "KVM_EXIT_SHUTDOWN"
+
+
+@pytest.mark.timeout(60)
+def test_a_failure_while_a_vcpu_thread_sets_up_ends_the_run(x86_firmware, monkeypatch):
+    """run() without a timeout must not hang when a vCPU thread fails before its first KVM_RUN."""
+    from pyvmm.kvm.vcpu import VcpuFd
+
+    def broken(self, blocked):
+        raise OSError(22, "injected KVM_SET_SIGNAL_MASK failure")
+
+    monkeypatch.setattr(VcpuFd, "set_signal_mask", broken)
+    with booted(x86_firmware, "spin") as vm:
+        outcome = vm.run()
+    assert outcome.kind is ExitKind.FAULT
+    assert outcome.detail.startswith("pyvmm error on vCPU 0: OSError(22, 'injected KVM_SET_SIGNAL_MASK failure')")
+
+
+@pytest.mark.timeout(60)
+def test_vcpu_threads_block_the_kick_and_process_signals(x86_firmware):
+    """The kick is deliverable only inside KVM_RUN (KVM_SET_SIGNAL_MASK): outside it, the thread blocks it."""
+    from pyvmm.vcpu import KICK_SIGNAL
+
+    masks = {}
+
+    def setup(vm):
+        def probe(offset, size):
+            tid = threading.get_native_id()
+            with open(f"/proc/self/task/{tid}/status") as f:
+                masks["SigBlk"] = int(next(l for l in f if l.startswith("SigBlk:")).split()[1], 16)
+            vm.request_stop(Outcome(ExitKind.STOPPED, detail="probed"))
+            return bytes(size)
+
+        class Probe:
+            read = staticmethod(probe)
+
+            def write(self, offset, data):
+                pass
+
+        vm.mmio_bus.remove("test-device")
+        vm.mmio_bus.insert(Probe(), 0xD0000000, 0x1000, "probe")
+
+    with booted(x86_firmware, "mmio", setup=setup) as vm:
+        assert vm.run(timeout=30).detail == "probed"
+    for sig in (KICK_SIGNAL, signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        assert masks["SigBlk"] & (1 << (int(sig) - 1)), sig
+
+
+def test_kernel_log_lines_of_ended_vcpu_threads_stay_ours():
+    from pyvmm.hostinfo import KmsgFilter, KmsgRecord
+
+    flt = KmsgFilter.for_this_process({0: 999_998}, past_tids={999_999})
+    record = KmsgRecord(seq=1, ts_us=1, level=3, facility=0, text="some message", caller="T999999")
+    assert flt.ours(record) is True
+    assert flt.ours(KmsgRecord(seq=2, ts_us=1, level=3, facility=0, text="x", caller="T999997")) is False

@@ -62,7 +62,9 @@ class VcpuFd(AttrMixin, OwnedFd):
         return exits.decode(self._run, self._view)
 
     def set_immediate_exit(self, value: bool) -> None:
-        self._run.immediate_exit = 1 if value else 0
+        run = self._run  # once: close() may clear it from another thread
+        if run is not None:
+            run.immediate_exit = 1 if value else 0
 
     def set_signal_mask(self, blocked: set[int]) -> None:
         """KVM_SET_SIGNAL_MASK: the signals blocked while this vCPU is inside KVM_RUN."""

@@ -175,13 +175,18 @@ def fault_causes(report: "FaultReport", candidates: list["SlotInfo"]) -> list[st
                           "pkvm_mem_abort refuses other folios (page cache, guest_memfd, hugetlb) with EIO")
     elif err == errno_mod.ENOMEM:
         ml = report.memlock
-        lim = "unlimited" if ml.get("rlimit_soft") is None else f"{ml.get('rlimit_soft')} bytes"
-        causes.append(
-            f"pkvm_mem_abort charges each page the guest touches with account_locked_vm(), which fails with ENOMEM "
-            f"past RLIMIT_MEMLOCK ({lim})" + ("" if ml.get("cap_ipc_lock") else " since the VMM lacks CAP_IPC_LOCK")
-            + ": raise it (ulimit -l) to at least the guest's memory size; ENOMEM also comes from "
-            "topup_mmu_memcache when the host is out of memory")
-    elif err == errno_mod.EPERM:
+        exempt = ml.get("rlimit_soft") is None or ml.get("cap_ipc_lock")
+        if exempt:  # account_locked_vm cannot have failed: unlimited, or CAP_IPC_LOCK
+            causes.append("the host ran out of memory while pkvm_mem_abort prepared the stage-2 mapping "
+                          "(topup_mmu_memcache) or pinned the page; RLIMIT_MEMLOCK is not the cause here ("
+                          + ("unlimited" if ml.get("rlimit_soft") is None else "the VMM has CAP_IPC_LOCK") + ")")
+        else:
+            causes.append(
+                "pkvm_mem_abort charges each page the guest touches with account_locked_vm(), which fails with "
+                f"ENOMEM past RLIMIT_MEMLOCK ({ml.get('rlimit_soft')} bytes) since the VMM lacks CAP_IPC_LOCK: raise "
+                "it (ulimit -l) to at least the guest's memory size; ENOMEM also comes from topup_mmu_memcache "
+                "when the host is out of memory")
+    elif err == errno_mod.EPERM and report.call and "MEMORY_REGION" in report.call:
         causes.append("kvm_arch_prepare_memory_region refuses a protected VM's READONLY or LOG_DIRTY_PAGES memslots, "
                       "and deleting or moving a memslot after its first KVM_RUN (once pkvm_hyp_vm_is_created())")
     elif err == errno_mod.EINVAL and report.call and "ENABLE_CAP" in report.call:
