@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field, is_dataclass
 from typing import TYPE_CHECKING
 
 from . import hostinfo, hostmem
-from .kvm import uapi
+from .kvm import exits, uapi
 from .kvm.errors import GuestMemoryError
 
 if TYPE_CHECKING:
@@ -450,35 +450,33 @@ def _call(vm, name: str, default):
 
 
 def build_report(vm: "Vm", vcpu: "VcpuFd | None", what: str, *, call: str | None = None,
-                 err: int | None = None, exit_reason: int | None = None, fault_gpa: int | None = None) -> FaultReport:
-    """Collect everything about the failure now, while the VM still exists."""
+                 err: int | None = None, exit: "exits.VcpuExit | None" = None,
+                 fault_gpa: int | None = None) -> FaultReport:
+    """Collect everything about the failure now, while the VM still exists.
+
+    ``exit`` is the typed exit that ended the VM (``pyvmm/kvm/exits.py`` decodes ``kvm_run``; this
+    module never reads it), or the ``MemoryFault`` that came with a failed KVM_RUN."""
     from .arch.arm64 import pkvm
     from .caps import report_caps
 
     fault_time = hostinfo.monotonic_us()
-    run = vcpu.kvm_run if vcpu is not None and not vcpu.closed else None
     report = FaultReport(
         what=what, vm_kind=vm.kind, vm_type=vm.vm_type, arch=vm.arch.name,
         vcpu=vcpu.vcpu_id if vcpu is not None else None,
-        exit_reason=uapi.exit_reason_name(exit_reason) if exit_reason is not None else None,
+        exit_reason=exit.name if exit is not None else None,
         call=call, errno=err,
         errno_name=errno_mod.errorcode.get(err) if err else None,
         errno_meaning=os.strerror(err) if err else None,
         fault_time_us=fault_time,
     )
     report.fault_gpa = fault_gpa
-    if run is not None:
-        # memory_fault is valid only when KVM_RUN failed with EFAULT/EHWPOISON and said so in exit_reason.
-        if run.exit_reason == uapi.KVM_EXIT_MEMORY_FAULT and err in (errno_mod.EFAULT, errno_mod.EHWPOISON):
-            mf = run.memory_fault
-            report.exit_reason = "KVM_EXIT_MEMORY_FAULT"
-            report.memory_fault = {"gpa": mf.gpa, "size": mf.size, "flags": mf.flags,
-                                   "private": bool(mf.flags & uapi.KVM_MEMORY_EXIT_FLAG_PRIVATE)}
-            report.fault_gpa = mf.gpa
-        if exit_reason is not None:
-            report.exit_details = exit_details(run, exit_reason)
-            if exit_reason == uapi.KVM_EXIT_ARM_NISV:
-                report.fault_gpa = report.exit_details.get("fault_ipa")
+    if isinstance(exit, exits.MemoryFault):
+        report.memory_fault = {"gpa": exit.gpa, "size": exit.size, "flags": exit.flags, "private": exit.private}
+        report.fault_gpa = exit.gpa
+    if exit is not None:
+        report.exit_details = exits.details(exit)
+        if isinstance(exit, exits.ArmNisv):
+            report.fault_gpa = exit.fault_ipa
     tids = _call(vm, "vcpu_tids", {})
     states = _call(vm, "vcpu_states", {})
     if vcpu is not None:
@@ -532,36 +530,3 @@ def _collect_kernel_log(report: FaultReport, vm: "Vm", tids: dict[int, int]) -> 
     report.kernel_log_records = [asdict(r) for r in kept]
     report.kernel_log_dropped = dropped
     report.kernel_log_lost = getattr(kmsg, "lost", 0)
-
-
-def exit_details(run: uapi.kvm_run, exit_reason: int | None) -> dict:
-    """The union member that belongs to ``exit_reason`` (never the others: they are stale)."""
-    if exit_reason == uapi.KVM_EXIT_INTERNAL_ERROR:
-        internal = run.internal
-        d = {"suberror": internal.suberror, "ndata": internal.ndata,
-             "data": [internal.data[i] for i in range(min(internal.ndata, 16))]}
-        if internal.suberror == uapi.KVM_INTERNAL_ERROR_EMULATION:
-            ef = run.emulation_failure
-            if ef.flags & 1:
-                d["insn_bytes"] = bytes(ef.insn_bytes[: ef.insn_size]).hex(" ")
-        return d
-    if exit_reason == uapi.KVM_EXIT_FAIL_ENTRY:
-        return {"hardware_entry_failure_reason": run.fail_entry.hardware_entry_failure_reason,
-                "cpu": run.fail_entry.cpu}
-    if exit_reason == uapi.KVM_EXIT_UNKNOWN:
-        return {"hardware_exit_reason": run.hw.hardware_exit_reason}
-    if exit_reason == uapi.KVM_EXIT_EXCEPTION:
-        return {"exception": run.ex.exception, "error_code": run.ex.error_code}
-    if exit_reason == uapi.KVM_EXIT_SYSTEM_EVENT:
-        se = run.system_event
-        return {"type": se.type, "data": [se.data[i] for i in range(min(se.ndata, 16))]}
-    if exit_reason == uapi.KVM_EXIT_ARM_NISV:
-        return {"esr_iss": run.arm_nisv.esr_iss, "fault_ipa": run.arm_nisv.fault_ipa}
-    if exit_reason == uapi.KVM_EXIT_ARM_SEA:
-        sea = run.arm_sea
-        return {"flags": sea.flags, "esr": sea.esr, "gva": sea.gva, "gpa": sea.gpa}
-    if exit_reason == uapi.KVM_EXIT_DEBUG:
-        return {name: getattr(run.debug.arch, name) for name, _ in run.debug.arch._fields_}
-    if exit_reason == uapi.KVM_EXIT_MMIO:
-        return {"phys_addr": run.mmio.phys_addr, "len": run.mmio.len, "is_write": run.mmio.is_write}
-    return {}

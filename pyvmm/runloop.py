@@ -165,11 +165,11 @@ class RunLoop:
                     continue
                 what = f"KVM_RUN on vCPU {vcpu.index} failed with {err.errno_name} ({err.meaning})"
                 # exit_reason is stale after a failed KVM_RUN, except KVM_EXIT_MEMORY_FAULT (build_report checks)
-                self._fault(vcpu, what, call="KVM_RUN", err=err.errno)
+                self._fault(vcpu, what, call="KVM_RUN", err=err.errno, exit=err.exit)
                 return
             handler = handlers.get(type(exit))
             if handler is None:  # MEMORY_FAULT without an error, INTERNAL_ERROR, FAIL_ENTRY, NISV, UNKNOWN...
-                self._fault(vcpu, f"vCPU {vcpu.index} exited with {exit.name}", exit_reason=_reason(exit))
+                self._fault(vcpu, f"vCPU {vcpu.index} exited with {exit.name}", exit=exit)
                 return
             if handler(vcpu, exit):
                 return
@@ -226,7 +226,7 @@ class RunLoop:
         what = (f"vCPU {vcpu.index}: guest {'write' if exit.is_write else 'read'} at {exit.addr:#x} inside memslot "
                 f"{region.slot} ({region.backing.describe()}) came back as an MMIO exit: KVM could not access "
                 "the host memory behind it")
-        self._fault(vcpu, what, exit_reason=uapi.KVM_EXIT_MMIO, fault_gpa=exit.addr)
+        self._fault(vcpu, what, exit=exit, fault_gpa=exit.addr)
 
     def _halt(self, vcpu: Vcpu, exit: exits.Hlt) -> bool:
         vcpu.state = VcpuState.HALTED
@@ -238,7 +238,7 @@ class RunLoop:
 
     def _shutdown(self, vcpu: Vcpu, exit: exits.Shutdown) -> bool:
         self._end_with_report(vcpu, ExitKind.SHUTDOWN, "KVM_EXIT_SHUTDOWN (triple fault)",
-                              f"vCPU {vcpu.index} shut down (triple fault)", exit_reason=uapi.KVM_EXIT_SHUTDOWN)
+                              f"vCPU {vcpu.index} shut down (triple fault)", exit=exit)
         return True
 
     def _system_event(self, vcpu: Vcpu, exit: exits.SystemEvent) -> bool:
@@ -249,7 +249,7 @@ class RunLoop:
         detail = f"KVM_EXIT_SYSTEM_EVENT type {exit.type}"
         if kind is ExitKind.CRASH:
             self._end_with_report(vcpu, kind, detail, f"guest reported a crash on vCPU {vcpu.index}",
-                                  status=exit.type, exit_reason=uapi.KVM_EXIT_SYSTEM_EVENT)
+                                  status=exit.type, exit=exit)
         else:
             self.finish(Outcome(kind, vcpu.index, status=exit.type, detail=detail))
         return True
@@ -263,6 +263,3 @@ class RunLoop:
         self.finish(Outcome(ExitKind.DEBUG, vcpu.index, detail=f"debug exit at pc {self.vm.arch.pc(vcpu.fd):#x}"))
         return True
 
-
-def _reason(exit: exits.VcpuExit) -> int:
-    return exit.code if isinstance(exit, exits.Other) else exit.reason

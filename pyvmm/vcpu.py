@@ -113,7 +113,7 @@ class Vcpu:
     def run_once(self) -> exits.VcpuExit:
         """One KVM_RUN (on this vCPU's thread).  Counts the exit; consumes a kick that ended it."""
         exit = self.fd.run()
-        reason = exit.code if isinstance(exit, exits.Other) else exit.reason
+        reason = exit.code
         counts = self.exit_counts
         counts[reason] = counts.get(reason, 0) + 1
         if isinstance(exit, exits.Intr):

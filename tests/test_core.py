@@ -186,3 +186,21 @@ def test_kvm_run_mapping_keeps_close_on_exec(kvm_device):
         assert len(dups) == 2  # the vCPU fd and the one mmap keeps for kvm_run
         assert all(fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC for fd in dups)
     assert not [what for what in _fds().values() if what.startswith("anon_inode:kvm-vcpu")]
+
+
+def test_kvm_run_is_decoded_in_one_place():
+    """Only pyvmm/kvm/exits.py (and the vCPU fd that maps it) reads kvm_run's exit union."""
+    import re
+
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "pyvmm")
+    union = re.compile(r"\.kvm_run\b|\brun\.(exit_reason|io|mmio|internal|emulation_failure|memory_fault|system_event|"
+                       r"hypercall|arm_nisv|arm_sea|fail_entry|hw|ex|debug)\b")
+    allowed = {os.path.join("kvm", "exits.py"), os.path.join("kvm", "vcpu.py"), os.path.join("kvm", "uapi.py")}
+    offenders = []
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            rel = os.path.relpath(os.path.join(dirpath, name), root)
+            if name.endswith(".py") and rel not in allowed:
+                with open(os.path.join(dirpath, name)) as f:
+                    offenders += [f"{rel}:{i}" for i, line in enumerate(f, 1) if union.search(line)]
+    assert offenders == []

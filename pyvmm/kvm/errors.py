@@ -23,6 +23,7 @@ class KvmError(PyvmmError):
         self.errno_name = errno_mod.errorcode.get(err, f"E{err}")
         self.meaning = os.strerror(err)
         self.detail = detail
+        self.exit = None  # KVM_RUN only: the exit KVM described with the error (exits.MemoryFault)
         text = f"{call} failed: {self.errno_name} ({self.meaning})"
         if detail:
             text += f": {detail}"

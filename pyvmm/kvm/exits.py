@@ -13,6 +13,7 @@ that.  For a ``Hypercall``, ``complete(ret)`` writes the return value.
 
 from __future__ import annotations
 
+import errno
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -24,8 +25,13 @@ class VcpuExit:
     reason: ClassVar[int] = -1
 
     @property
+    def code(self) -> int:
+        """The KVM_EXIT_* number of this exit."""
+        return self.reason
+
+    @property
     def name(self) -> str:
-        return uapi.exit_reason_name(self.reason)
+        return uapi.exit_reason_name(self.code)
 
 
 @dataclass(slots=True)
@@ -136,12 +142,12 @@ class ArmNisv(VcpuExit):
 class Other(VcpuExit):
     """Any exit pyvmm does not decode (UNKNOWN, EXCEPTION, FAIL_ENTRY's siblings...): the raw reason."""
 
-    code: int
+    raw_reason: int
     details: dict = field(default_factory=dict)
 
     @property
-    def name(self) -> str:
-        return uapi.exit_reason_name(self.code)
+    def code(self) -> int:
+        return self.raw_reason
 
 
 _HLT = Hlt()
@@ -201,6 +207,17 @@ def decode(run: uapi.kvm_run, view: memoryview) -> VcpuExit:
         sea = run.arm_sea
         return Other(reason, {"flags": sea.flags, "esr": sea.esr, "gva": sea.gva, "gpa": sea.gpa})
     return Other(reason)
+
+
+def memory_fault_after_error(run: uapi.kvm_run, err: int) -> MemoryFault | None:
+    """After KVM_RUN failed with ``err``: the KVM_EXIT_MEMORY_FAULT KVM filled in, if it did.
+
+    Only EFAULT and EHWPOISON come with valid memory_fault fields; after any other error (or
+    without KVM_EXIT_MEMORY_FAULT in exit_reason) the union is stale."""
+    if err in (errno.EFAULT, errno.EHWPOISON) and run.exit_reason == uapi.KVM_EXIT_MEMORY_FAULT:
+        mf = run.memory_fault
+        return MemoryFault(mf.flags, mf.gpa, mf.size)
+    return None
 
 
 def details(exit: VcpuExit) -> dict:

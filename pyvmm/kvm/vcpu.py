@@ -53,12 +53,14 @@ class VcpuFd(AttrMixin, OwnedFd):
     # --- KVM_RUN ---------------------------------------------------------
     def run(self) -> exits.VcpuExit:
         """One KVM_RUN, decoded.  EINTR (a signal or ``immediate_exit``) is the ``Intr`` exit;
-        any other failure raises KvmError (for EFAULT, ``kvm_run`` may hold KVM_EXIT_MEMORY_FAULT)."""
+        any other failure raises KvmError, whose ``exit`` is the ``MemoryFault`` KVM described, if any."""
         if _ioctl(self._fd, uapi.KVM_RUN, None) < 0:
             err = ctypes.get_errno()
             if err == errno.EINTR:
                 return exits.Intr()
-            raise KvmError("KVM_RUN", err)
+            error = KvmError("KVM_RUN", err)
+            error.exit = exits.memory_fault_after_error(self._run, err)
+            raise error
         return exits.decode(self._run, self._view)
 
     def set_immediate_exit(self, value: bool) -> None:
