@@ -403,8 +403,10 @@ def _vcpu_info(vm: "Vm", vcpu: "VcpuFd", faulting: bool, tids: dict[int, int], s
         info.code_unavailable = why
         return info
     info.code_gpa = gpa
+    # up to the end of the page: the next guest-virtual page need not follow in guest-physical memory
+    length = min(CODE_BYTES, hostmem.PAGE_SIZE - gpa % hostmem.PAGE_SIZE)
     try:
-        info.code_bytes = vm.memory.read(gpa, CODE_BYTES).hex(" ")
+        info.code_bytes = vm.memory.read(gpa, length).hex(" ")
     except GuestMemoryError as exc:  # a protected guest's private page, a hole...: say why
         info.code_unavailable = str(exc)
     return info

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, ClassVar
 from .. import hostmem
 from ..kvm import uapi
 from ..kvm.errors import ConfigError, MissingFeature
+from ..kvm.fd import close_all
 from ..kvm.ioctl import ioctl
 from ..kvm.uapi_dmabuf import (
     DMA_HEAP_IOCTL_ALLOC,
@@ -111,20 +112,10 @@ class Backing:
 
     def close(self) -> None:
         """Unmap and close every fd, even when one step fails; then raise the first error."""
-        first: BaseException | None = None
-        if self.hva:
-            hva, self.hva = self.hva, 0
-            try:
-                hostmem.munmap(hva, self.size)
-            except BaseException as exc:
-                first = exc
-        while self._fds:
-            try:
-                os.close(self._fds.pop())
-            except BaseException as exc:
-                first = first or exc
-        if first is not None:
-            raise first
+        hva, self.hva = self.hva, 0
+        fds, self._fds = self._fds, []
+        close_all([*([lambda: hostmem.munmap(hva, self.size)] if hva else []),
+                   *(lambda fd=fd: os.close(fd) for fd in reversed(fds))])
 
     def __enter__(self):
         return self
