@@ -24,6 +24,8 @@ from .kvm.fd import close_all
 from .outcome import ExitKind, Outcome
 from .runloop import JOIN_LIMIT, RunLoop
 from .vcpu import Vcpu
+from .virtio import VirtioMmio
+from devices.virtio import VirtioBlock, VirtioConsole, VirtioDevice, VirtioRng
 
 
 class Console:
@@ -66,7 +68,9 @@ class Vm:
         self.kmsg: KmsgWatcher | None = None
         self.on_close: list[Callable[[], None]] = []  # arch-owned fds (GIC...), closed before the VM fd
         self.irqchip = None  # the in-kernel interrupt controller's device fd, where the arch makes one
+        self.virtio: list[VirtioMmio] = []  # virtio-mmio devices, in the order added (the guest's order)
         self.dtb: bytes | None = None
+        self.booted = False
         try:
             self.arch = arch or host_arch()
             self.kind = "protected" if protected else "normal"
@@ -98,6 +102,29 @@ class Vm:
             gpa = self.memory.regions[-1].end if self.memory.regions else self.arch.ram_base
         return self.memory.add(gpa, size, backing, flags)
 
+    # --- virtio devices ------------------------------------------------------------------
+    def add_virtio(self, device: VirtioDevice, ioeventfd: bool = True) -> VirtioMmio:
+        """Attach a virtio device (``devices/virtio``) on virtio-mmio; call before ``boot()`` (the device tree).
+
+        ``ioeventfd=False`` handles QueueNotify on the vCPU's exit path instead of a device thread."""
+        if self.booted:
+            raise ConfigError("add virtio devices before boot(): the guest learns of them from the device tree")
+        attached = VirtioMmio(self, device, self.arch.virtio_slot(len(self.virtio)), ioeventfd)
+        self.virtio.append(attached)
+        return attached
+
+    def add_virtio_blk(self, path: str, readonly: bool = False) -> VirtioMmio:
+        """A virtio-blk disk backed by the raw image ``path`` (read-only disks answer writes with IOERR)."""
+        return self.add_virtio(VirtioBlock(path, readonly=readonly))
+
+    def add_virtio_rng(self) -> VirtioMmio:
+        """A virtio-rng device: bytes from the host's getrandom()."""
+        return self.add_virtio(VirtioRng())
+
+    def add_virtio_console(self) -> VirtioMmio:
+        """A virtio console (the guest's hvc0) printing into ``vm.console``; ``feed()`` its device for input."""
+        return self.add_virtio(VirtioConsole(self.console.write))
+
     def create_vcpus(self, count: int) -> list[VcpuFd]:
         if count < 1:
             raise ConfigError("a VM needs at least one vCPU")
@@ -119,6 +146,7 @@ class Vm:
     def boot(self, image: str | None = None, **options) -> None:
         """Load ``image`` (default: the bundled hello) and set every vCPU up to run it."""
         self.arch.boot(self, image, **options)
+        self.booted = True
 
     # --- running -----------------------------------------------------------
     def run(self, timeout: float | None = None, precheck: bool = True) -> Outcome:
@@ -138,6 +166,8 @@ class Vm:
             if stuck:
                 raise ConfigError(f"vCPU {', '.join(map(str, stuck))} of a previous run never left KVM_RUN; "
                                   "this VM cannot run again")
+            for device in self.virtio:  # irqfd needs the interrupt controller: the vCPUs exist by now
+                device.start()
             self.memory.has_run = True
             self._runloop = RunLoop(self, self._runners)
             try:
@@ -185,7 +215,9 @@ class Vm:
                              "guest memory are left open (closing them under a running vCPU is not safe)")
         vcpus, self.vcpus, self._runners = self.vcpus, [], []
         on_close, self.on_close = self.on_close, []
+        virtio, self.virtio = self.virtio, []
         close_all([
+            *(d.close for d in virtio),  # threads first; ioeventfd/irqfd detach while the VM fd is open
             *(v.close for v in vcpus),
             *reversed(on_close),  # arch-owned fds (GIC...), before the VM fd
             *([self.fd.close] if self.fd is not None else []),

@@ -12,6 +12,7 @@ if TYPE_CHECKING:
     from ..kvm.system import Kvm
     from ..kvm.vcpu import VcpuFd
     from ..memory.regions import MemoryRules
+    from ..virtio import VirtioSlot
     from ..vm import Vm
 
 
@@ -42,6 +43,10 @@ class Arch(Protocol):
     def boot(self, vm: "Vm", image: str | None, **options) -> None: ...
 
     def check_before_run(self, vm: "Vm") -> None: ...
+
+    def virtio_slot(self, index: int) -> "VirtioSlot": ...
+
+    def irq_line(self, vm: "Vm", irq: int, level: bool) -> None: ...
 
     def registers(self, vcpu: "VcpuFd") -> RegisterDump: ...
 

@@ -20,6 +20,7 @@ from ...loader import EM_AARCH64, is_elf, load_elf, load_flat, read_image
 from ...memory.regions import MemoryRules
 from ...outcome import ExitKind, Outcome
 from .. import RegisterDump
+from ...virtio import VirtioSlot
 from . import cpu, fdt, gic, layout, linux, pkvm
 
 from devices.debug_exit import DebugExit
@@ -55,7 +56,7 @@ class Arm64:
         return pkvm.restrict_memory_rules(rules) if vm.protected else rules
 
     def prepare_vm(self, vm) -> None:
-        uart = Uart16550(vm.console.write, irq=lambda level: self._irq(vm, layout.UART_SPI, level))
+        uart = Uart16550(vm.console.write, irq=lambda level: self.irq_line(vm, layout.UART_SPI, level))
         vm.mmio_bus.insert(uart, layout.UART, layout.UART_SIZE, "uart (16550)")
 
         def guest_exit(status: int) -> None:
@@ -86,7 +87,13 @@ class Arm64:
         else:
             vm.nisv_to_user = "enabled"
 
-    def _irq(self, vm, spi: int, level: bool) -> None:
+    def virtio_slot(self, index: int) -> VirtioSlot:
+        if index >= layout.VIRTIO_MAX:
+            raise ConfigError(f"at most {layout.VIRTIO_MAX} virtio devices")
+        return VirtioSlot(index, layout.VIRTIO_BASE + index * layout.VIRTIO_STRIDE, layout.VIRTIO_SPI_BASE + index)
+
+    def irq_line(self, vm, spi: int, level: bool) -> None:
+        """Drive shared peripheral interrupt ``spi`` with KVM_IRQ_LINE (once the GIC exists)."""
         if vm.irqchip is not None and not vm.fd.closed:
             vm.fd.irq_line(gic.spi_irq_line(spi), int(level))
 
@@ -169,8 +176,9 @@ class Arm64:
                 img = load_flat(vm.memory, data, layout.RAM_BASE if load_addr is None else load_addr)
             entry = img.entry
             args = {0: dtb_addr, 1: layout.RAM_BASE, 2: ram, 3: 0}
+        virtio = [(d.slot.base, d.slot.size, d.slot.irq) for d in vm.virtio]
         dtb = fdt.build(fdt.DeviceTreeConfig(layout.RAM_BASE, ram, [cpu.mpidr(v.vcpu_id) for v in vm.vcpus],
-                                             cmdline if mode == "linux" else "", initrd_range))
+                                             cmdline if mode == "linux" else "", initrd_range, virtio))
         if len(dtb) > layout.DTB_MAX:
             raise ConfigError("device tree too large")
         vm.memory.write(dtb_addr, dtb)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import fdt
 
@@ -10,6 +10,7 @@ from . import layout
 
 GIC_PHANDLE = 1
 IRQ_TYPE_SPI, IRQ_TYPE_PPI = 0, 1
+IRQ_EDGE_RISING = 1
 IRQ_LEVEL_HIGH = 4
 IRQ_PPI_ALL_CPUS_LEVEL_LOW = 0xF08
 
@@ -21,6 +22,7 @@ class DeviceTreeConfig:
     mpidrs: list[int]
     bootargs: str = ""
     initrd: tuple[int, int] | None = None  # (start, end)
+    virtio: list[tuple[int, int, int]] = field(default_factory=list)  # (base, size, SPI) per virtio-mmio device
 
 
 def _cells64(value: int) -> list[int]:
@@ -75,6 +77,12 @@ def build(cfg: DeviceTreeConfig) -> bytes:
                       fdt.PropWords("reg", *_cells64(layout.UART), *_cells64(layout.UART_SIZE)),
                       fdt.PropWords("clock-frequency", layout.UART_CLOCK),
                       fdt.PropWords("interrupts", IRQ_TYPE_SPI, layout.UART_SPI, IRQ_LEVEL_HIGH)))
+
+    for base, size, spi in cfg.virtio:  # edge-triggered: the irqfd injects an edge per interrupt
+        root.append(_node(f"virtio_mmio@{base:x}", fdt.PropStrings("compatible", "virtio,mmio"),
+                          fdt.PropWords("reg", *_cells64(base), *_cells64(size)),
+                          fdt.PropWords("interrupts", IRQ_TYPE_SPI, spi, IRQ_EDGE_RISING),
+                          fdt.Property("dma-coherent")))
 
     chosen = _node("chosen", fdt.PropStrings("stdout-path", f"/{uart}"))
     if cfg.bootargs:

@@ -16,6 +16,7 @@ from ...kvm.vcpu import VcpuFd
 from ...loader import EM_X86_64, is_elf, load_elf, load_flat, read_image
 from ...memory.regions import MemoryRules
 from ...outcome import ExitKind, Outcome
+from ...virtio import VirtioSlot
 from .. import RegisterDump
 from . import cpu, layout, linux
 
@@ -134,6 +135,14 @@ class X86_64:
         for vcpu in vm.vcpus:
             cpu.enter_long_mode(vcpu, img.entry, layout.STACK_TOP - vcpu.vcpu_id * layout.STACK_SIZE,
                                 dict(rdi=ram, rsi=vcpu.vcpu_id, rdx=nvcpus))
+
+    def virtio_slot(self, index: int) -> VirtioSlot:
+        if index >= layout.VIRTIO_MAX:
+            raise ConfigError(f"at most {layout.VIRTIO_MAX} virtio devices")
+        return VirtioSlot(index, layout.VIRTIO_BASE + index * layout.VIRTIO_STRIDE, None)
+
+    def irq_line(self, vm, irq: int, level: bool) -> None:
+        raise ConfigError("x86_64 VMs have no in-kernel interrupt controller yet")
 
     def check_before_run(self, vm) -> None:
         pass

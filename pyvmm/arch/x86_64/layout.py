@@ -32,6 +32,9 @@ DEBUG_EXIT_PORT = 0x501
 RESET_CONTROL_PORT = 0xCF9
 PORT_TEST_DEVICE_PORT = 0x510  # devices.testdev.PortTestDevice, PORT_SIZE (16) ports
 TEST_DEVICE_MMIO = 0xD000_0000
+VIRTIO_BASE = 0xD100_0000  # virtio-mmio windows, VIRTIO_STRIDE apart (no interrupts: no in-kernel irqchip yet)
+VIRTIO_STRIDE = 0x200
+VIRTIO_MAX = 64
 TSS_ADDR = 0xFFFB_D000
 IDENTITY_MAP_ADDR = 0xFFFB_C000
 

@@ -1,0 +1,151 @@
+"""virtio-mmio devices on a VM: the KVM side of ``devices/virtio`` (which knows nothing of KVM).
+
+Each device gets, from the architecture, an MMIO window and an interrupt (``arch.virtio_slot(i)``):
+
+* the transport sits on the VM's MMIO bus, so every register access is an ordinary MMIO exit;
+* QueueNotify writes are caught in the kernel with ``KVM_IOEVENTFD`` (one eventfd per queue,
+  datamatch on the queue index) and served by the device's own thread, so a vCPU thread never
+  processes a queue; without ioeventfd the write reaches the transport on the vCPU's exit path;
+* the interrupt is an edge on a GIC SPI through ``KVM_IRQFD`` where KVM has it (an eventfd write
+  from any thread, no exit to userspace), else ``KVM_IRQ_LINE``; on a VM without an in-kernel
+  interrupt controller (x86 today) there is none: guests poll.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import signal
+import threading
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from devices.virtio import MMIO_SIZE, VirtioDevice, VirtioMmioTransport
+from devices.virtio.mmio import VIRTIO_MMIO_QUEUE_NOTIFY
+
+from .kvm import uapi
+from .kvm.errors import KvmError
+from .kvm.fd import close_all
+from .vcpu import PROCESS_SIGNALS
+
+if TYPE_CHECKING:
+    from .vm import Vm
+
+log = logging.getLogger("pyvmm.virtio")
+
+
+@dataclass(frozen=True)
+class VirtioSlot:
+    """Where device number ``index`` lives: its MMIO window and its interrupt (arm64: the SPI number)."""
+
+    index: int
+    base: int
+    irq: int | None  # None: no interrupt controller (the guest polls)
+    size: int = MMIO_SIZE
+
+
+class VirtioMmio:
+    """One virtio device attached to a VM."""
+
+    def __init__(self, vm: "Vm", device: VirtioDevice, slot: VirtioSlot, ioeventfd: bool = True):
+        self.vm = vm
+        self.device = device
+        self.slot = slot
+        self.use_ioeventfd = ioeventfd
+        self.transport = VirtioMmioTransport(device, vm.memory, self._interrupt)
+        self.name = f"{device.name}@{slot.base:#x}"
+        self.irqfd: int | None = None
+        self.notify_fds: list[int] = []  # one eventfd per queue, while KVM_IOEVENTFD is assigned
+        self._stop_fd: int | None = None
+        self._thread: threading.Thread | None = None
+        self._line_level = False
+        vm.mmio_bus.insert(self.transport, slot.base, slot.size, self.name)
+
+    # --- interrupts -----------------------------------------------------------------------
+    def _interrupt(self, level: bool) -> None:
+        """The transport's interrupt line (called under its lock, from any thread)."""
+        if self.slot.irq is None:
+            return
+        if self.irqfd is not None:
+            if level:  # an edge per raised interrupt bit; the driver reads and ACKs InterruptStatus
+                os.eventfd_write(self.irqfd, 1)
+            return
+        if level != self._line_level and not self.vm.fd.closed:
+            self._line_level = level
+            self.vm.arch.irq_line(self.vm, self.slot.irq, level)
+
+    # --- activation ----------------------------------------------------------------------------
+    def start(self) -> None:
+        """Before the first run, once the interrupt controller exists: irqfd, ioeventfds, the device thread."""
+        if self._thread is not None:
+            return
+        vm = self.vm
+        if self.slot.irq is not None and vm.kvm.check_extension(uapi.KVM_CAP_IRQFD):
+            fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+            try:
+                vm.fd.irqfd(fd, self.slot.irq)
+            except KvmError as err:
+                os.close(fd)
+                log.warning("%s: KVM_IRQFD failed (%s): using KVM_IRQ_LINE", self.name, err.errno_name)
+            else:
+                self.irqfd = fd
+        if self.use_ioeventfd and vm.kvm.check_extension(uapi.KVM_CAP_IOEVENTFD):
+            addr = self.slot.base + VIRTIO_MMIO_QUEUE_NOTIFY
+            for q in self.transport.queues:
+                fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+                try:
+                    vm.fd.ioeventfd(fd, addr, 4, flags=uapi.KVM_IOEVENTFD_FLAG_DATAMATCH, datamatch=q.index)
+                except BaseException:
+                    os.close(fd)
+                    raise
+                self.notify_fds.append(fd)
+        self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._thread = threading.Thread(target=self._serve, name=f"pyvmm-{self.device.name}", daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        """The device thread: a kicked queue eventfd means QueueNotify for that queue."""
+        signal.pthread_sigmask(signal.SIG_BLOCK, PROCESS_SIGNALS)
+        poller = select.poll()
+        queues = {fd: index for index, fd in enumerate(self.notify_fds)}
+        for fd in (*queues, self._stop_fd):
+            poller.register(fd, select.POLLIN)
+        while True:
+            for fd, _ in poller.poll():
+                if fd == self._stop_fd:
+                    return
+                try:
+                    os.eventfd_read(fd)
+                except BlockingIOError:
+                    continue
+                self.transport.notify(queues[fd])  # never raises: a bad queue sets DEVICE_NEEDS_RESET
+
+    # --- teardown --------------------------------------------------------------------------
+    def close(self) -> None:
+        """Stop the thread, detach from KVM (while the VM fd is still open), close every fd."""
+        steps = []
+        if self._thread is not None:
+            os.eventfd_write(self._stop_fd, 1)
+            self._thread.join(5)
+            if self._thread.is_alive():
+                log.error("%s: device thread did not stop", self.name)
+        vm_open = not self.vm.fd.closed
+        addr = self.slot.base + VIRTIO_MMIO_QUEUE_NOTIFY
+        for index, fd in enumerate(self.notify_fds):
+            if vm_open:
+                steps.append(lambda fd=fd, index=index: self.vm.fd.ioeventfd(
+                    fd, addr, 4, flags=uapi.KVM_IOEVENTFD_FLAG_DATAMATCH | uapi.KVM_IOEVENTFD_FLAG_DEASSIGN,
+                    datamatch=index))
+            steps.append(lambda fd=fd: os.close(fd))
+        if self.irqfd is not None:
+            if vm_open:
+                steps.append(lambda fd=self.irqfd: self.vm.fd.irqfd(fd, self.slot.irq, flags=uapi.KVM_IRQFD_FLAG_DEASSIGN))
+            steps.append(lambda fd=self.irqfd: os.close(fd))
+        if self._stop_fd is not None:
+            steps.append(lambda fd=self._stop_fd: os.close(fd))
+        closer = getattr(self.device, "close", None)
+        if closer is not None:
+            steps.append(closer)
+        self.notify_fds, self.irqfd, self._stop_fd = [], None, None
+        close_all(steps)
