@@ -19,6 +19,7 @@ from .kvm import Kvm
 from .kvm.errors import ConfigError, PyvmmError
 from .memory.backing import BackingSpec
 from .outcome import ExitKind, Outcome
+from .terminal import ESCAPE_HELP, StdinForwarder
 from .vm import Vm, stdout_echo
 
 EXIT_BAD_INPUT = 2
@@ -104,11 +105,27 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--pvmfw", metavar="FILE", help="arm64 protected VMs on Android's pKVM ABI: the pvmfw image")
     run.add_argument("--ipa-bits", type=int, default=None, help="arm64: guest physical address size in bits")
     run.add_argument("-q", "--quiet", action="store_true", help="do not echo the guest console")
+    run.add_argument("--disk", action="append", default=[], metavar="PATH[,ro]",
+                     help="a virtio-blk disk backed by a raw image file (repeatable: vda, vdb, ...); ro: read-only")
+    run.add_argument("--rng", action="store_true", help="a virtio-rng device (entropy from the host's getrandom)")
+    run.add_argument("--console", choices=("uart", "virtio"), default="uart",
+                     help="where pyvmm's stdin goes and a Linux guest's console is: the 16550 UART (ttyS0, "
+                          f"default) or a virtio console (hvc0). On a terminal input is raw: {ESCAPE_HELP}")
 
     caps = sub.add_parser("caps", help="show what this host's KVM can do",
                           description="API version, capabilities, VM types, protected VM support and usable backings.")
     caps.add_argument("--json", action="store_true", help="machine-readable output")
     return parser
+
+
+def parse_disk(text: str) -> tuple[str, bool]:
+    """``PATH[,ro]`` -> (path, readonly)."""
+    path, sep, opts = text.partition(",")
+    if not path:
+        raise ConfigError(f"bad disk {text!r} (use PATH or PATH,ro)")
+    if sep and opts != "ro":
+        raise ConfigError(f"bad disk option {opts!r} in {text!r} (the only option is ro)")
+    return path, opts == "ro"
 
 
 def _exit_status(outcome: Outcome) -> int:
@@ -132,19 +149,32 @@ def cmd_run(args) -> int:
     memory = parse_size(args.memory)
     backing = BackingSpec.parse(args.backing)
     regions = [parse_region(r) for r in args.region]
+    disks = [parse_disk(d) for d in args.disk]
     boot_opts = {"mode": args.boot}
     for key in ("cmdline", "initrd", "pvmfw"):
         if getattr(args, key) is not None:
             boot_opts[key] = getattr(args, key)
+    if args.console == "virtio" and args.cmdline is None:
+        boot_opts["cmdline"] = "console=hvc0 earlycon"
     with Kvm(args.kvm_device) as kvm, Vm(protected=args.protected, kvm=kvm, ipa_bits=args.ipa_bits) as vm:
         if not args.quiet:
             vm.console.echo = stdout_echo
         vm.add_memory(memory, backing)
         for gpa, size, spec in regions:
             vm.add_memory(size, spec, gpa=gpa)
+        for path, readonly in disks:
+            vm.add_virtio_blk(path, readonly)
+        if args.rng:
+            vm.add_virtio_rng()
+        console_input = (vm.add_virtio_console().device if args.console == "virtio" else vm.devices["uart"]).feed
         vm.create_vcpus(args.vcpus)
         vm.boot(args.image, **boot_opts)
-        outcome = vm.run(timeout=args.timeout)
+
+        def escape() -> None:
+            vm.request_stop(Outcome(ExitKind.STOPPED, detail="ended from the terminal (Ctrl-] q)"))
+
+        with StdinForwarder(console_input, escape):
+            outcome = vm.run(timeout=args.timeout)
     sys.stdout.flush()
     print(f"pyvmm: {outcome.kind.value}: {outcome.detail}", file=sys.stderr)
     if outcome.report is not None:

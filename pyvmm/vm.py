@@ -8,6 +8,8 @@ kernel-log watcher.
 
 from __future__ import annotations
 
+import os
+import stat
 import sys
 import threading
 from typing import Callable
@@ -107,15 +109,33 @@ class Vm:
         """Attach a virtio device (``devices/virtio``) on virtio-mmio; call before ``boot()`` (the device tree).
 
         ``ioeventfd=False`` handles QueueNotify on the vCPU's exit path instead of a device thread."""
-        if self.booted:
-            raise ConfigError("add virtio devices before boot(): the guest learns of them from the device tree")
-        attached = VirtioMmio(self, device, self.arch.virtio_slot(len(self.virtio)), ioeventfd)
+        try:
+            if self.booted:
+                raise ConfigError("add virtio devices before boot(): the guest learns of them from the device tree")
+            attached = VirtioMmio(self, device, self.arch.virtio_slot(len(self.virtio)), ioeventfd)
+        except BaseException:
+            closer = getattr(device, "close", None)
+            if closer is not None:
+                closer()
+            raise
         self.virtio.append(attached)
         return attached
 
     def add_virtio_blk(self, path: str, readonly: bool = False) -> VirtioMmio:
         """A virtio-blk disk backed by the raw image ``path`` (read-only disks answer writes with IOERR)."""
-        return self.add_virtio(VirtioBlock(path, readonly=readonly))
+        try:
+            st = os.stat(path)
+        except OSError as err:
+            raise ConfigError(f"disk {path}: {err.strerror}") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(f"disk {path}: not a regular file (a raw disk image is expected)")
+        if st.st_size < 512:
+            raise ConfigError(f"disk {path}: {st.st_size} bytes; a disk needs at least one 512-byte sector")
+        try:
+            device = VirtioBlock(path, readonly=readonly)
+        except PermissionError:
+            raise ConfigError(f"disk {path}: permission denied" + ("" if readonly else " (try ,ro)")) from None
+        return self.add_virtio(device)
 
     def add_virtio_rng(self) -> VirtioMmio:
         """A virtio-rng device: bytes from the host's getrandom()."""

@@ -1,0 +1,86 @@
+"""pyvmm's stdin reaches the guest console: a pipe until EOF, a terminal in raw mode with an escape key."""
+
+from __future__ import annotations
+
+import os
+import pty
+import select
+import subprocess
+import sys
+import termios
+import time
+
+import pytest
+
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _pyvmm(*args):
+    return [sys.executable, "-m", "pyvmm", "run", *args]
+
+
+def test_piped_stdin_reaches_the_uart(x86_firmware):
+    res = subprocess.run(_pyvmm(os.path.join(x86_firmware, "echo"), "-m", "2M"), input="hello there\n",
+                         capture_output=True, text=True, cwd=ROOT, timeout=30)
+    assert res.stdout == "echo: ready\ngot: hello there\n"
+    assert res.returncode == 0x42
+
+
+def test_end_of_piped_input_does_not_end_the_vm(x86_firmware):
+    res = subprocess.run(_pyvmm(os.path.join(x86_firmware, "spin"), "-m", "2M", "--timeout", "1"),
+                         stdin=subprocess.DEVNULL, capture_output=True, text=True, cwd=ROOT, timeout=30)
+    assert res.returncode == 124 and res.stdout == "spin: spinning\n"
+
+
+def _read_until(fd: int, text: bytes, limit: float = 20) -> bytes:
+    seen = b""
+    deadline = time.monotonic() + limit
+    while text not in seen and time.monotonic() < deadline:
+        if select.select([fd], [], [], 0.2)[0]:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:  # the child closed the terminal
+                break
+            if not chunk:
+                break
+            seen += chunk
+    return seen
+
+
+def _run_on_a_terminal(image: str, keys: bytes, wait_for: bytes) -> tuple[int, bytes, list, list]:
+    """Run pyvmm on a pseudo-terminal; type ``keys`` once ``wait_for`` appeared. Returns
+    (exit status, what the terminal showed, termios before, termios after)."""
+    pid, master = pty.fork()
+    if pid == 0:  # the child: pyvmm with the terminal as stdin/stdout/stderr
+        os.chdir(ROOT)
+        os.execv(sys.executable, _pyvmm(image, "-m", "2M", "--timeout", "30"))
+    try:
+        before = termios.tcgetattr(master)
+        shown = _read_until(master, wait_for)
+        os.write(master, keys)
+        shown += _read_until(master, b"pyvmm: ")
+        shown += _read_until(master, b"\n", 5)
+        _, status = os.waitpid(pid, 0)
+        after = termios.tcgetattr(master)
+    finally:
+        os.close(master)
+    return os.waitstatus_to_exitcode(status), shown, before, after
+
+
+def test_terminal_input_is_raw_and_the_terminal_is_restored(x86_firmware):
+    code, shown, before, after = _run_on_a_terminal(os.path.join(x86_firmware, "echo"), b"a\x03b\n",
+                                                    b"echo: ready")
+    assert code == 0x42
+    assert b"got: a\x03b" in shown  # Ctrl-C is a key for the guest, not a signal for pyvmm
+    assert after == before  # echo, canonical mode, signals: all as they were
+
+
+def test_escape_key_ends_the_vm_and_restores_the_terminal(x86_firmware):
+    code, shown, before, after = _run_on_a_terminal(os.path.join(x86_firmware, "spin"), b"\x1dq",
+                                                    b"spin: spinning")
+    assert code == 130
+    assert b"pyvmm: stopped: ended from the terminal (Ctrl-] q)" in shown
+    assert after == before
+    assert before[3] & termios.ECHO and before[3] & termios.ICANON
