@@ -73,7 +73,8 @@ def run_cli(*args, env=None, user=None, timeout=120):
         cmd = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *cmd]
     elif user is not None:  # e.g. busybox hosts (the arm64 lab)
         ids = {"user": user, "group": user, "extra_groups": []}
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout, **ids)
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout,
+                          stdin=subprocess.DEVNULL, **ids)  # never the developer's terminal (raw mode)
 
 
 def _util_linux_setpriv() -> bool:

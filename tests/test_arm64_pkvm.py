@@ -276,7 +276,7 @@ def test_protected_vm_via_cli(pkvm, tmp_path):
     report = tmp_path / "r.json"
     res = subprocess.run([sys.executable, "-m", "pyvmm", "run", "--protected", "--backing", "udmabuf",
                           "-m", "8M", guest("memtouch"), "--report-json", str(report)],
-                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+                         capture_output=True, text=True, cwd=ROOT, timeout=300, stdin=subprocess.DEVNULL)
     if not os.path.exists("/dev/udmabuf"):
         pytest.skip("no /dev/udmabuf")
     assert res.returncode == 1, res.stderr

@@ -258,7 +258,8 @@ def test_sigint_while_run_starts_its_vcpu_threads(x86_firmware):
 @pytest.mark.timeout(60)
 def test_sigint_to_the_cli_stops_the_guest(x86_firmware):
     proc = subprocess.Popen([sys.executable, "-m", "pyvmm", "run", os.path.join(x86_firmware, "spin"), "-m", "2M",
-                             "--vcpus", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+                             "--vcpus", "2"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT)
     try:
         ready, _, _ = select.select([proc.stdout], [], [], 20)
         assert ready, "the CLI printed nothing within 20 s"
