@@ -14,6 +14,8 @@ import logging
 import re
 import sys
 
+from devices.virtio.net import parse_mac
+
 from .caps import format_caps, probe
 from .kvm import Kvm
 from .kvm.errors import ConfigError, PyvmmError
@@ -107,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-q", "--quiet", action="store_true", help="do not echo the guest console")
     run.add_argument("--disk", action="append", default=[], metavar="PATH[,ro]",
                      help="a virtio-blk disk backed by a raw image file (repeatable: vda, vdb, ...); ro: read-only")
+    run.add_argument("--net", action="append", default=[], metavar="tap[=NAME][,mac=MAC]",
+                     help="a virtio-net device on a TAP (attached if NAME exists, else created for this run and "
+                          "brought up with pyroute2); needs CAP_NET_ADMIN")
     run.add_argument("--rng", action="store_true", help="a virtio-rng device (entropy from the host's getrandom)")
     run.add_argument("--console", choices=("uart", "virtio"), default="uart",
                      help="where pyvmm's stdin goes and a Linux guest's console is: the 16550 UART (ttyS0, "
@@ -126,6 +131,27 @@ def parse_disk(text: str) -> tuple[str, bool]:
     if sep and opts != "ro":
         raise ConfigError(f"bad disk option {opts!r} in {text!r} (the only option is ro)")
     return path, opts == "ro"
+
+
+def parse_net(text: str) -> tuple[str | None, str | None]:
+    """``tap[=NAME][,mac=MAC]`` -> (TAP name or None, MAC or None)."""
+    kind, _, rest = text.partition(",")
+    backend, _, name = kind.partition("=")
+    if backend != "tap":
+        raise ConfigError(f"bad network {text!r}: the backend is a TAP (use tap, tap=NAME, tap=NAME,mac=MAC)")
+    mac = None
+    for opt in filter(None, rest.split(",")):
+        key, _, value = opt.partition("=")
+        if key != "mac" or not value:
+            raise ConfigError(f"bad network option {opt!r} in {text!r} (the only option is mac=MAC)")
+        try:
+            parse_mac(value)  # checked before any VM exists
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        mac = value
+    if "=" in kind and not name:
+        raise ConfigError(f"bad network {text!r}: empty TAP name")
+    return name or None, mac
 
 
 def _exit_status(outcome: Outcome) -> int:
@@ -150,6 +176,7 @@ def cmd_run(args) -> int:
     backing = BackingSpec.parse(args.backing)
     regions = [parse_region(r) for r in args.region]
     disks = [parse_disk(d) for d in args.disk]
+    nets = [parse_net(n) for n in args.net]
     boot_opts = {"mode": args.boot}
     for key in ("cmdline", "initrd", "pvmfw"):
         if getattr(args, key) is not None:
@@ -166,6 +193,8 @@ def cmd_run(args) -> int:
             vm.add_virtio_blk(path, readonly)
         if args.rng:
             vm.add_virtio_rng()
+        for tap, mac in nets:
+            vm.add_virtio_net(tap, mac)
         console_input = (vm.add_virtio_console().device if args.console == "virtio" else vm.devices["uart"]).feed
         vm.create_vcpus(args.vcpus)
         vm.boot(args.image, **boot_opts)

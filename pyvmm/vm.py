@@ -27,7 +27,9 @@ from .outcome import ExitKind, Outcome
 from .runloop import JOIN_LIMIT, RunLoop
 from .vcpu import Vcpu
 from .virtio import VirtioMmio
+from .tap import open_tap, random_mac
 from devices.virtio import VirtioBlock, VirtioConsole, VirtioDevice, VirtioRng
+from devices.virtio.net import VirtioNet, parse_mac
 
 
 class Console:
@@ -144,6 +146,19 @@ class Vm:
     def add_virtio_console(self) -> VirtioMmio:
         """A virtio console (the guest's hvc0) printing into ``vm.console``; ``feed()`` its device for input."""
         return self.add_virtio(VirtioConsole(self.console.write))
+
+    def add_virtio_net(self, tap: str | None = None, mac: str | bytes | None = None) -> VirtioMmio:
+        """A virtio-net device on the TAP ``tap`` (attached if it exists, else created and gone with the VM),
+        with ``mac`` ("52:54:00:12:34:56"; random locally administered by default).  Needs CAP_NET_ADMIN."""
+        if isinstance(mac, str):
+            try:
+                mac = parse_mac(mac)
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
+        fd, ifname = open_tap(tap)
+        device = VirtioNet(fd, mac or random_mac())
+        device.ifname = ifname
+        return self.add_virtio(device)
 
     def create_vcpus(self, count: int) -> list[VcpuFd]:
         if count < 1:
