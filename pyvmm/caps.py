@@ -8,6 +8,7 @@ from .arch import machine_name
 from .hostinfo import kvm_arm_mode
 from .kvm import Kvm, uapi
 from .kvm.errors import KvmError
+from .arch.arm64.pkvm import ProtectedVmSupport, protected_vm_support
 from .memory.backing import backing_availability
 
 # (name, capability, asked on the VM fd rather than the system fd)
@@ -75,13 +76,6 @@ X86_VM_TYPES = {0: "KVM_X86_DEFAULT_VM", 1: "KVM_X86_SW_PROTECTED_VM", 2: "KVM_X
 
 
 @dataclass
-class ProtectedVmSupport:
-    available: bool
-    abi: str | None  # "upstream" (KVM_VM_TYPE_ARM_PROTECTED) or "android" (KVM_CAP_ARM_PROTECTED_VM)
-    reason: str
-
-
-@dataclass
 class HostCaps:
     arch: str
     kvm_path: str
@@ -96,22 +90,6 @@ class HostCaps:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def protected_vm_support(kvm: Kvm, arch: str) -> ProtectedVmSupport:
-    if arch != "arm64":
-        return ProtectedVmSupport(False, None, f"protected VMs are an arm64 pKVM feature; this host is {arch}")
-    try:
-        vm = kvm.create_vm(uapi.KVM_VM_TYPE_ARM_PROTECTED)
-    except KvmError as err:
-        mode = kvm_arm_mode()
-        why = ("pKVM is not enabled: boot the host with kvm-arm.mode=protected" if mode != "protected" else
-               f"KVM_CREATE_VM(KVM_VM_TYPE_ARM_PROTECTED) failed: {err.errno_name}")
-        return ProtectedVmSupport(False, None, why)
-    with vm:
-        if vm.check_extension(uapi.KVM_CAP_ARM_PROTECTED_VM):
-            return ProtectedVmSupport(True, "android", "KVM_CAP_ARM_PROTECTED_VM present (Android pKVM ABI, pvmfw)")
-    return ProtectedVmSupport(True, "upstream", "KVM_CREATE_VM accepts KVM_VM_TYPE_ARM_PROTECTED (upstream ABI)")
 
 
 def probe(kvm: Kvm) -> HostCaps:

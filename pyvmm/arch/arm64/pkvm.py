@@ -31,15 +31,17 @@ report's explanation points at the code that decided:
 from __future__ import annotations
 
 import errno as errno_mod
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 from ... import hostmem
 from ...hostinfo import MemlockInfo, kvm_arm_mode
 from ...kvm import uapi
-from ...kvm.errors import ConfigError, GuestMemoryError, MissingFeature
+from ...kvm.errors import ConfigError, GuestMemoryError, KvmError, MissingFeature
 from ...memory.regions import pages
 
 if TYPE_CHECKING:
+    from ...kvm.system import Kvm
     from ...memory.regions import GuestMemory, MemoryRules
     from ...report import FaultReport, SlotInfo
     from ...vm import Vm
@@ -194,5 +196,29 @@ def fault_causes(report: "FaultReport", candidates: list["SlotInfo"]) -> list[st
     return causes
 
 
-__all__ = ["vm_type_bits", "restrict_memory_rules", "access_guard", "check_memlock", "infer_faulting_slot",
+@dataclass
+class ProtectedVmSupport:
+    available: bool
+    abi: str | None  # "upstream" (KVM_VM_TYPE_ARM_PROTECTED) or "android" (KVM_CAP_ARM_PROTECTED_VM)
+    reason: str
+
+
+def protected_vm_support(kvm: "Kvm", arch: str) -> ProtectedVmSupport:
+    """Whether this host makes protected VMs, and by which ABI (asks KVM_CREATE_VM itself)."""
+    if arch != "arm64":
+        return ProtectedVmSupport(False, None, f"protected VMs are an arm64 pKVM feature; this host is {arch}")
+    try:
+        vm = kvm.create_vm(uapi.KVM_VM_TYPE_ARM_PROTECTED)
+    except KvmError as err:
+        mode = kvm_arm_mode()
+        why = ("pKVM is not enabled: boot the host with kvm-arm.mode=protected" if mode != "protected" else
+               f"KVM_CREATE_VM(KVM_VM_TYPE_ARM_PROTECTED) failed: {err.errno_name}")
+        return ProtectedVmSupport(False, None, why)
+    with vm:
+        if vm.check_extension(uapi.KVM_CAP_ARM_PROTECTED_VM):
+            return ProtectedVmSupport(True, "android", "KVM_CAP_ARM_PROTECTED_VM present (Android pKVM ABI, pvmfw)")
+    return ProtectedVmSupport(True, "upstream", "KVM_CREATE_VM accepts KVM_VM_TYPE_ARM_PROTECTED (upstream ABI)")
+
+
+__all__ = ["ProtectedVmSupport", "protected_vm_support", "vm_type_bits", "restrict_memory_rules", "access_guard", "check_memlock", "infer_faulting_slot",
            "fault_causes", "NISV_REFUSED"]
