@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno as errno_mod
 import json
+import logging
 import os
 import threading
 import time
@@ -24,6 +25,8 @@ from typing import TYPE_CHECKING
 from . import hostinfo, hostmem
 from .kvm import exits, uapi
 from .kvm.errors import GuestMemoryError
+
+log = logging.getLogger("pyvmm.report")
 
 if TYPE_CHECKING:
     from .kvm.vcpu import VcpuFd
@@ -413,11 +416,13 @@ def _vcpu_info(vm: "Vm", vcpu: "VcpuFd", faulting: bool, tids: dict[int, int], s
 
 
 OTHER_VCPU_WAIT = 1.0  # seconds: KVM serialises a vCPU's ioctls, so one still in KVM_RUN makes us wait
+OTHER_VCPU_LATE_WAIT = 5.0  # once every vCPU is stopped, a late read ends promptly
 
 
 def _other_vcpu_info(vm: "Vm", vcpu: "VcpuFd", tids: dict[int, int], states: dict[int, str],
-                     deadline: float) -> VcpuInfo:
-    """Another vCPU's state, without hanging if it is still in KVM_RUN (vcpu->mutex): bounded wait."""
+                     deadline: float, pending: list[threading.Thread]) -> VcpuInfo:
+    """Another vCPU's state, without hanging if it is still in KVM_RUN (vcpu->mutex): bounded wait.
+    A read that did not finish in time is left in ``pending`` (``add_missing_vcpus`` waits for it)."""
     box: list[VcpuInfo] = []
     t = threading.Thread(target=lambda: box.append(_vcpu_info(vm, vcpu, False, tids, states)),
                          name=f"pyvmm-report-vcpu{vcpu.vcpu_id}", daemon=True)
@@ -425,13 +430,22 @@ def _other_vcpu_info(vm: "Vm", vcpu: "VcpuFd", tids: dict[int, int], states: dic
     t.join(max(0.0, deadline - time.monotonic()))
     if box:
         return box[0]
+    pending.append(t)
     return VcpuInfo(vcpu.vcpu_id, False, tids.get(vcpu.vcpu_id), states.get(vcpu.vcpu_id),
                     unavailable="still in KVM_RUN when the report was made (KVM serialises vCPU ioctls); "
                                 "call report.add_missing_vcpus(vm) once the vCPUs are stopped")
 
 
 def add_missing_vcpus(report: FaultReport, vm: "Vm") -> None:
-    """Fill in vCPUs whose registers could not be read while they ran (call after every vCPU stopped)."""
+    """Fill in vCPUs whose registers could not be read while they ran (call after every vCPU stopped).
+
+    First waits for the late register reads of ``build_report``: none may touch a vCPU fd after this
+    returns (the VM may be closed next)."""
+    for t in getattr(report, "_pending_reads", []):
+        t.join(OTHER_VCPU_LATE_WAIT)
+        if t.is_alive():
+            log.error("a register read of the fault report did not finish")
+    report._pending_reads = []
     tids = _call(vm, "vcpu_tids", {})
     states = _call(vm, "vcpu_states", {})
     for i, info in enumerate(report.vcpus):
@@ -488,9 +502,10 @@ def build_report(vm: "Vm", vcpu: "VcpuFd | None", what: str, *, call: str | None
         if mine.unavailable:
             report.exit_details["registers_unavailable"] = mine.unavailable
     deadline = time.monotonic() + OTHER_VCPU_WAIT
+    report._pending_reads = []  # not a field: never in to_dict()/JSON
     for other in list(vm.vcpus):
         if vcpu is None or other.vcpu_id != vcpu.vcpu_id:
-            report.vcpus.append(_other_vcpu_info(vm, other, tids, states, deadline))
+            report.vcpus.append(_other_vcpu_info(vm, other, tids, states, deadline, report._pending_reads))
     report.vcpus.sort(key=lambda v: v.vcpu)
     if report.fault_gpa is not None:
         region = vm.memory.find(report.fault_gpa)

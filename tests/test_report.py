@@ -302,3 +302,34 @@ def test_triple_fault_report_has_every_vcpu(x86_firmware):
     assert len(data["vcpus"]) == 2 and data["vcpus"][1]["registers"]["rip"] >= 0x100000
     for record in data["kernel_log_records"]:
         assert {"seq", "ts_us", "caller", "text"} <= set(record)
+
+
+@pytest.mark.timeout(60)
+def test_a_vcpu_still_in_kvm_run_is_filled_in_after_the_stop(x86_firmware, monkeypatch):
+    """When another vCPU cannot be read while the report is made, the report says so, and the run loop fills
+    it in once every vCPU has stopped, after waiting for the late read (no ioctl after run() returns)."""
+    import threading
+
+    from pyvmm import report as report_mod
+
+    monkeypatch.setattr(report_mod, "OTHER_VCPU_WAIT", 0.0)  # no time for the other vCPU: it is "still running"
+    seen = {}
+    real_fill = report_mod.add_missing_vcpus
+
+    def fill(report, vm):
+        seen["before"] = [v.unavailable for v in report.vcpus]
+        real_fill(report, vm)
+
+    monkeypatch.setattr("pyvmm.runloop.add_missing_vcpus", fill)
+    with Vm() as vm:
+        vm.add_memory(4 << 20)
+        vm.create_vcpus(2)
+        vm.boot(os.path.join(x86_firmware, "shutdown-triple"))
+        outcome = vm.run(timeout=60)
+    assert outcome.kind is ExitKind.SHUTDOWN
+    other = 1 - outcome.vcpu
+    assert seen["before"][other].startswith("still in KVM_RUN when the report was made")
+    filled = outcome.report.vcpus[other]
+    assert filled.unavailable is None and "rip" in filled.registers
+    assert not [t for t in threading.enumerate() if t.name.startswith("pyvmm-report-vcpu")]
+    assert "_pending_reads" not in outcome.report.to_json()
