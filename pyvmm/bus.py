@@ -43,8 +43,9 @@ MAX_LOGGED_ADDRESSES = 16
 class Bus:
     def __init__(self, name: str):
         self.name = name
-        self._ranges: list[BusRange] = []
-        self._lock = threading.Lock()
+        # (starts, ranges), replaced whole on insert/remove: vCPU threads look up without a lock
+        self._table: tuple[list[int], list[BusRange]] = ([], [])
+        self._lock = threading.Lock()  # one device access at a time (devices need not be thread-safe)
         self._unclaimed_seen: set[tuple[int, bool]] = set()
         self.unclaimed_count = 0
 
@@ -52,31 +53,37 @@ class Bus:
         if size <= 0:
             raise ConfigError(f"{self.name} bus: device size must be positive")
         name = name or type(device).__name__
-        for r in self._ranges:
+        ranges = self._table[1]
+        for r in ranges:
             if base < r.end and r.base < base + size:
                 raise ConfigError(
                     f"{self.name} bus: {name} at [{base:#x}, {base + size:#x}) overlaps {r.name} at [{r.base:#x}, {r.end:#x})"
                 )
         entry = BusRange(base, size, device, name)
-        bisect.insort(self._ranges, entry, key=lambda r: r.base)
+        self._publish(sorted([*ranges, entry], key=lambda r: r.base))
         return entry
 
+    def _publish(self, ranges: list[BusRange]) -> None:
+        self._table = ([r.base for r in ranges], ranges)
+
     def remove(self, name: str) -> BusDevice:
-        for r in self._ranges:
+        ranges = self._table[1]
+        for r in ranges:
             if r.name == name:
-                self._ranges.remove(r)
+                self._publish([x for x in ranges if x is not r])
                 return r.device
         raise ConfigError(f"{self.name} bus: no device named {name!r}")
 
     def find(self, addr: int) -> BusRange | None:
-        i = bisect.bisect_right(self._ranges, addr, key=lambda r: r.base) - 1
-        if i >= 0 and addr < self._ranges[i].end:
-            return self._ranges[i]
+        starts, ranges = self._table
+        i = bisect.bisect_right(starts, addr) - 1
+        if i >= 0 and addr < ranges[i].end:
+            return ranges[i]
         return None
 
     @property
     def ranges(self) -> list[BusRange]:
-        return list(self._ranges)
+        return list(self._table[1])
 
     def _unclaimed(self, addr: int, size: int, is_write: bool, straddles: BusRange | None = None) -> None:
         with self._lock:

@@ -7,8 +7,8 @@ decides what an exit means.  ``VcpuFd.run()`` hands over typed exits (``pyvmm/kv
   ``data`` view, which lies inside ``kvm_run``: the next KVM_RUN finishes the instruction from
   it, so it is filled even when the VM is being stopped (a later ``run()`` resumes correctly).
 * An ``Mmio`` exit inside a memslot is either a write to a READONLY slot (ROM, flash: delivered
-  to the bus, where a device may claim it; unclaimed writes are dropped and counted; reads return
-  the slot's bytes), or, on any other slot, the named quirk ``MMIO_IN_SLOT_QUIRK``: the host
+  to the bus, where a device may claim it; unclaimed writes are dropped and counted, unclaimed reads
+  return the slot's bytes), or, on any other slot, the named quirk ``MMIO_IN_SLOT_QUIRK``: the host
   could not reach the page behind the slot, which ends the VM with a fault report.
 * ``Hlt`` parks the vCPU (the VM halts when all have); ``Shutdown``, ``SystemEvent``, ``Debug``
   and failures end the VM with an ``Outcome``; ``Hypercall`` is answered; ``Intr`` loops.
@@ -205,21 +205,22 @@ class RunLoop:
         return False
 
     def _mmio(self, vcpu: Vcpu, exit: exits.Mmio) -> bool:
-        region = self.vm.memory.find(exit.addr)
+        vm, addr = self.vm, exit.addr
+        region = vm.memory.find(addr)
         if region is not None:
             if not region.flags & uapi.KVM_MEM_READONLY:
                 self._mmio_in_slot(vcpu, exit, region)
                 return True
-            if not exit.is_write and self.vm.mmio_bus.find(exit.addr) is None:
-                exit.data[:] = self.vm.memory.read(exit.addr, len(exit.data))  # ROM reads what the slot holds
-                return False
-            if exit.is_write and self.vm.mmio_bus.find(exit.addr) is None:
-                self.vm.memory.count_rom_write(region, exit.addr, len(exit.data))
+            if vm.mmio_bus.find(addr) is None:  # ROM that no device claims: reads see the slot, writes vanish
+                if exit.is_write:
+                    vm.memory.count_rom_write(region, addr, len(exit.data))
+                else:
+                    exit.data[:] = vm.memory.read(addr, len(exit.data))
                 return False
         if exit.is_write:
-            self.vm.mmio_bus.write(exit.addr, bytes(exit.data))
+            vm.mmio_bus.write(addr, bytes(exit.data))
         else:
-            exit.data[:] = self.vm.mmio_bus.read(exit.addr, len(exit.data))
+            exit.data[:] = vm.mmio_bus.read(addr, len(exit.data))
         return False
 
     def _mmio_in_slot(self, vcpu: Vcpu, exit: exits.Mmio, region) -> None:

@@ -95,6 +95,7 @@ class GuestMemory:
         self.vm = vm
         self.rules = rules or MemoryRules()
         self.regions: list[MemoryRegion] = []  # sorted by gpa
+        self._starts: list[int] = []  # their gpas, for find()
         self.has_run = False
         # Called before the VMM touches guest memory; may refuse (protected VMs: arch.arm64.pkvm.access_guard).
         self.access_guard: Callable[[int, int, bool], None] | None = None
@@ -154,6 +155,7 @@ class GuestMemory:
             raise
         region.registered = True
         bisect.insort(self.regions, region, key=lambda r: r.gpa)
+        self._starts = [r.gpa for r in self.regions]
         return region
 
     def _set_region(self, region: MemoryRegion, size: int) -> None:
@@ -176,12 +178,13 @@ class GuestMemory:
             self._set_region(region, 0)
             region.registered = False
         self.regions.remove(region)
+        self._starts = [r.gpa for r in self.regions]
         region.backing.close()
 
     def close(self) -> None:
         """Close every backing (all of them, even if one fails; then the first error is raised).
         Call after the VM fd is closed (KVM drops its slots with the VM)."""
-        regions, self.regions = self.regions, []
+        regions, self.regions, self._starts = self.regions, [], []
         close_all(r.backing.close for r in regions)
 
     def count_rom_write(self, region: MemoryRegion, gpa: int, size: int) -> None:
@@ -195,7 +198,7 @@ class GuestMemory:
 
     # --- lookup ----------------------------------------------------------
     def find(self, gpa: int) -> MemoryRegion | None:
-        i = bisect.bisect_right(self.regions, gpa, key=lambda r: r.gpa) - 1
+        i = bisect.bisect_right(self._starts, gpa) - 1
         if i >= 0 and self.regions[i].contains(gpa):
             return self.regions[i]
         return None
