@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import mmap
+import sys
 
 from . import exits, uapi, uapi_x86
 from .device import AttrMixin
@@ -12,6 +13,8 @@ from .errors import KvmError
 from .fd import OwnedFd
 from .ioctl import _ioctl, ioctl
 
+# Python >= 3.13 can map without keeping its own dup of the vCPU fd (which would outlive close()).
+_NO_DUP = {"trackfd": False} if sys.version_info >= (3, 13) else {}
 KERNEL_SIGSET_BYTES = 8  # the kernel's sigset_t (_NSIG = 64) on x86_64 and arm64
 
 
@@ -25,7 +28,7 @@ class VcpuFd(AttrMixin, OwnedFd):
         self._map = None
         self._view = None
         try:
-            self._map = mmap.mmap(fd, mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            self._map = mmap.mmap(fd, mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, **_NO_DUP)
             self._run = uapi.kvm_run.from_buffer(self._map)
             self._view = memoryview(self._map)
         except BaseException:
