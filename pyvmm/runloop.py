@@ -18,6 +18,7 @@ The first outcome wins (``finish``); every vCPU is then kicked and every join is
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import signal
@@ -100,7 +101,7 @@ class RunLoop:
             self._join_all()
             raise
         stuck = self._join_all()
-        outcome = self._outcome
+        outcome = dataclasses.replace(self._outcome)  # ours to annotate: the caller of request_stop keeps its own
         if stuck:
             outcome.detail += (f"; vCPU {', '.join(map(str, stuck))} did not leave KVM_RUN within {JOIN_LIMIT:.0f} s "
                                "(its thread is abandoned)")
