@@ -48,18 +48,18 @@ class VirtioSlot:
 class VirtioMmio:
     """One virtio device attached to a VM."""
 
-    def __init__(self, vm: "Vm", device: VirtioDevice, slot: VirtioSlot, ioeventfd: bool = True):
+    def __init__(self, vm: "Vm", device: VirtioDevice, slot: VirtioSlot, ioeventfd: bool = True, irqfd: bool = True):
         self.vm = vm
         self.device = device
         self.slot = slot
         self.use_ioeventfd = ioeventfd
+        self.use_irqfd = irqfd
         self.transport = VirtioMmioTransport(device, vm.memory, self._interrupt)
         self.name = f"{device.name}@{slot.base:#x}"
         self.irqfd: int | None = None
         self.notify_fds: list[int] = []  # one eventfd per queue, while KVM_IOEVENTFD is assigned
         self._stop_fd: int | None = None
         self._thread: threading.Thread | None = None
-        self._line_level = False
         vm.mmio_bus.insert(self.transport, slot.base, slot.size, self.name)
 
     # --- interrupts -----------------------------------------------------------------------
@@ -71,9 +71,9 @@ class VirtioMmio:
             if level:  # an edge per raised interrupt bit; the driver reads and ACKs InterruptStatus
                 os.eventfd_write(self.irqfd, 1)
             return
-        if level != self._line_level and not self.vm.fd.closed:
-            self._line_level = level
-            self.vm.arch.irq_line(self.vm, self.slot.irq, level)
+        if level and not self.vm.fd.closed:  # the same edge with KVM_IRQ_LINE: a pulse
+            self.vm.arch.irq_line(self.vm, self.slot.irq, True)
+            self.vm.arch.irq_line(self.vm, self.slot.irq, False)
 
     # --- activation ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -81,7 +81,7 @@ class VirtioMmio:
         if self._thread is not None:
             return
         vm = self.vm
-        if self.slot.irq is not None and vm.kvm.check_extension(uapi.KVM_CAP_IRQFD):
+        if self.slot.irq is not None and self.use_irqfd and vm.kvm.check_extension(uapi.KVM_CAP_IRQFD):
             fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
             try:
                 vm.fd.irqfd(fd, self.slot.irq)

@@ -107,14 +107,15 @@ class Vm:
         return self.memory.add(gpa, size, backing, flags)
 
     # --- virtio devices ------------------------------------------------------------------
-    def add_virtio(self, device: VirtioDevice, ioeventfd: bool = True) -> VirtioMmio:
+    def add_virtio(self, device: VirtioDevice, ioeventfd: bool = True, irqfd: bool = True) -> VirtioMmio:
         """Attach a virtio device (``devices/virtio``) on virtio-mmio; call before ``boot()`` (the device tree).
 
-        ``ioeventfd=False`` handles QueueNotify on the vCPU's exit path instead of a device thread."""
+        ``ioeventfd=False`` handles QueueNotify on the vCPU's exit path instead of a device thread;
+        ``irqfd=False`` raises the interrupt with KVM_IRQ_LINE instead of an eventfd (for comparison)."""
         try:
             if self.booted:
                 raise ConfigError("add virtio devices before boot(): the guest learns of them from the device tree")
-            attached = VirtioMmio(self, device, self.arch.virtio_slot(len(self.virtio)), ioeventfd)
+            attached = VirtioMmio(self, device, self.arch.virtio_slot(len(self.virtio)), ioeventfd, irqfd)
         except BaseException:
             closer = getattr(device, "close", None)
             if closer is not None:
