@@ -22,7 +22,7 @@ from .kvm.errors import ConfigError, PyvmmError
 from .memory.backing import BackingSpec
 from .outcome import ExitKind, Outcome
 from .terminal import ESCAPE_HELP, StdinForwarder
-from .vm import Vm, stdout_echo
+from .vm import Vm, file_echo, stdout_echo
 
 EXIT_BAD_INPUT = 2
 EXIT_FAULT = 1
@@ -107,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--pvmfw", metavar="FILE", help="arm64 protected VMs on Android's pKVM ABI: the pvmfw image")
     run.add_argument("--ipa-bits", type=int, default=None, help="arm64: guest physical address size in bits")
     run.add_argument("-q", "--quiet", action="store_true", help="do not echo the guest console")
+    run.add_argument("--console-file", metavar="FILE",
+                     help="write what the guest prints to FILE instead of stdout")
     run.add_argument("--disk", action="append", default=[], metavar="PATH[,ro]",
                      help="a virtio-blk disk backed by a raw image file (repeatable: vda, vdb, ...); ro: read-only")
     run.add_argument("--net", action="append", default=[], metavar="tap[=NAME][,mac=MAC]",
@@ -154,6 +156,19 @@ def parse_net(text: str) -> tuple[str | None, str | None]:
     return name or None, mac
 
 
+def check_output_path(path: str, what: str) -> None:
+    """An output file must be creatable: checked before any VM exists."""
+    import os
+
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ConfigError(f"{what} {path}: is a directory")
+    if not os.path.isdir(parent):
+        raise ConfigError(f"{what} {path}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise ConfigError(f"{what} {path}: permission denied")
+
+
 def _exit_status(outcome: Outcome) -> int:
     if outcome.kind in (ExitKind.HALT, ExitKind.POWER_OFF, ExitKind.RESET, ExitKind.DEBUG):
         return 0
@@ -177,6 +192,10 @@ def cmd_run(args) -> int:
     regions = [parse_region(r) for r in args.region]
     disks = [parse_disk(d) for d in args.disk]
     nets = [parse_net(n) for n in args.net]
+    if args.console_file is not None:
+        check_output_path(args.console_file, "--console-file")
+    if args.report_json is not None:
+        check_output_path(args.report_json, "--report-json")
     boot_opts = {"mode": args.boot}
     for key in ("cmdline", "initrd", "pvmfw"):
         if getattr(args, key) is not None:
@@ -184,7 +203,10 @@ def cmd_run(args) -> int:
     if args.console == "virtio" and args.cmdline is None:
         boot_opts["cmdline"] = "console=hvc0 earlycon"
     with Kvm(args.kvm_device) as kvm, Vm(protected=args.protected, kvm=kvm, ipa_bits=args.ipa_bits) as vm:
-        if not args.quiet:
+        if args.console_file is not None:
+            vm.console.echo, close_console = file_echo(args.console_file)
+            vm.on_close.append(close_console)
+        elif not args.quiet:
             vm.console.echo = stdout_echo
         vm.add_memory(memory, backing)
         for gpa, size, spec in regions:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import stat
 import sys
+import logging
 import threading
 from typing import Callable
 
@@ -32,8 +33,14 @@ from devices.virtio import VirtioBlock, VirtioConsole, VirtioDevice, VirtioRng
 from devices.virtio.net import VirtioNet, parse_mac
 
 
+log = logging.getLogger("pyvmm.console")
+
+
 class Console:
-    """Collects what the guest prints; optionally echoes it (to a terminal, a file...)."""
+    """Collects what the guest prints; optionally echoes it (to a terminal, a file...).
+
+    An echo that fails (a closed pipe: ``pyvmm run | head``; a full disk) is dropped with one log line:
+    the guest keeps running and ``text()`` keeps everything."""
 
     def __init__(self, echo: Callable[[bytes], None] | None = None):
         self.buffer = bytearray()
@@ -43,8 +50,14 @@ class Console:
     def write(self, data: bytes) -> None:
         with self._lock:
             self.buffer += data
-        if self.echo:
-            self.echo(data)
+            echo = self.echo
+            if echo is not None:
+                try:
+                    echo(data)
+                except OSError as err:
+                    self.echo = None
+                    log.warning("console output can no longer be written (%s); the guest's output is still "
+                                "collected", err.strerror or err)
 
     def text(self) -> str:
         return self.buffer.decode(errors="replace")
@@ -53,6 +66,16 @@ class Console:
 def stdout_echo(data: bytes) -> None:
     sys.stdout.buffer.write(data)
     sys.stdout.buffer.flush()
+
+
+def file_echo(path: str) -> tuple[Callable[[bytes], None], Callable[[], None]]:
+    """An echo that appends to ``path`` (created or truncated now); returns (echo, close)."""
+    f = open(path, "wb", buffering=0)
+
+    def echo(data: bytes) -> None:
+        f.write(data)
+
+    return echo, f.close
 
 
 class Vm:

@@ -84,3 +84,22 @@ def test_escape_key_ends_the_vm_and_restores_the_terminal(x86_firmware):
     assert b"pyvmm: stopped: ended from the terminal (Ctrl-] q)" in shown
     assert after == before
     assert before[3] & termios.ECHO and before[3] & termios.ICANON
+
+
+def test_console_file_and_a_closed_stdout(x86_firmware, tmp_path):
+    """--console-file takes the guest's output; a closed stdout (pyvmm run | head) ends nothing."""
+    out = tmp_path / "console.txt"
+    res = subprocess.run(_pyvmm(os.path.join(x86_firmware, "hello"), "-m", "2M", "--console-file", str(out)),
+                         stdin=subprocess.DEVNULL, capture_output=True, text=True, cwd=ROOT, timeout=30)
+    assert res.returncode == 0 and res.stdout == ""
+    assert out.read_text() == "Hello from a pyvmm guest (x86_64, long mode)\n"
+    bad = subprocess.run(_pyvmm("--console-file", str(tmp_path / "missing" / "x")), stdin=subprocess.DEVNULL,
+                         capture_output=True, text=True, cwd=ROOT, timeout=30)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "does not exist" in bad.stderr
+    r, w = os.pipe()
+    os.close(r)  # nobody reads the guest's output
+    proc = subprocess.run(_pyvmm(os.path.join(x86_firmware, "hello"), "-m", "2M"), stdin=subprocess.DEVNULL,
+                          stdout=w, stderr=subprocess.PIPE, text=True, cwd=ROOT, timeout=30)
+    os.close(w)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr and "fault report" not in proc.stderr

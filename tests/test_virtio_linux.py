@@ -272,9 +272,11 @@ def setup(vm):
     sock = socket.create_server(("10.0.2.1", 5000))
     threading.Thread(target=listen, args=(sock,), daemon=True).start()
     vm.add_virtio_blk(os.path.join(directory, "payload.img"), readonly=True)
+    vm.add_virtio_rng()
+    vm.add_virtio_console()
     setup.net = dev.device
 
-outcome, console = boot(directory, script, setup, timeout=560)
+outcome, console = boot(directory, script, setup, vcpus=2, timeout=560)
 sys.stdout.write(console)
 print(f"host: outcome {outcome.kind.value}")
 print(f"host: frames {setup.net.tx_frames} {setup.net.rx_frames} {setup.net.rx_dropped}")
@@ -285,15 +287,20 @@ for key, value in sorted(result.items()):
 
 @pytest.mark.timeout(600)
 def test_net_ping_and_tcp_to_the_host(tmp_path):
-    """virtio-net on a TAP in a network namespace the test makes: the guest (Linux's virtio_net) pings the host
-    side and sends 16 MiB over TCP to it; the host receives exactly those bytes (sha256 of the disk they came
-    from)."""
+    """All four devices at once on 2 vCPUs.  virtio-net on a TAP in a network namespace the test makes: the
+    guest (Linux's virtio_net) pings the host side and sends it 16 MiB over TCP, read from its virtio-blk disk;
+    the host receives exactly those bytes (sha256 of the disk).  Meanwhile virtio-rng feeds /dev/hwrng and
+    the guest writes a line on hvc0 (virtio-console)."""
     require_virtio_linux("add_virtio_net", "add_virtio_blk")
     if not hasattr(os, "unshare"):
         pytest.skip("os.unshare needs Python 3.12 or later (the lab has 3.13)")
     payload = random_file(tmp_path / "payload.img", 16 << 20)
     script = SCRIPT_HEAD + r"""
-waitfor /sys/class/net/eth0 && waitfor /dev/vda
+waitfor /sys/class/net/eth0 && waitfor /dev/vda && waitfor /dev/hvc0
+out "cpus $(grep -c ^processor /proc/cpuinfo)"
+out "rng $(cat /sys/class/misc/hw_random/rng_current)"
+out "hwrng $(dd if=/dev/hwrng bs=1024 count=16 2>/dev/null | wc -c)"
+echo "pyvmm-test: hello on hvc0" >/dev/hvc0
 out "mac $(cat /sys/class/net/eth0/address)"
 ip link set eth0 up && ip addr add 10.0.2.2/24 dev eth0
 ping -c 3 -W 5 10.0.2.1 >/tmp/ping.out 2>&1
@@ -316,6 +323,8 @@ poweroff -f
     host = dict(line[len("host: "):].split(" ", 1) for line in lines(console) if line.startswith("host: "))
     got = facts(console)
     assert "mac 52:54:00:12:34:56" in got, tail(console)
+    assert "cpus 2" in got and "hwrng 16384" in got and "hello on hvc0" in got, tail(console)
+    assert any(re.fullmatch(r"rng virtio_rng\.\d+", fact) for fact in got), tail(console)
     assert "ping status 0" in got and "ping 3 packets received" in got, tail(console)
     assert "nc status 0" in got, tail(console)
     assert host["outcome"] == "power-off"
