@@ -9,10 +9,13 @@ timeout; 2 for bad input or a host that cannot run the VM (one line, no tracebac
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import re
+import signal
 import sys
+import threading
 
 from devices.virtio.net import parse_mac
 
@@ -172,8 +175,8 @@ def check_output_path(path: str, what: str) -> None:
 def _exit_status(outcome: Outcome) -> int:
     if outcome.kind in (ExitKind.HALT, ExitKind.POWER_OFF, ExitKind.RESET, ExitKind.DEBUG):
         return 0
-    if outcome.kind is ExitKind.STOPPED:  # Ctrl-C
-        return 130
+    if outcome.kind is ExitKind.STOPPED:  # 128 + the signal that stopped it (Ctrl-C and Ctrl-] q: 130)
+        return 128 + (outcome.status or signal.SIGINT)
     if outcome.kind is ExitKind.GUEST_EXIT:
         return min(outcome.status or 0, 255)
     if outcome.kind is ExitKind.TIMEOUT:
@@ -184,6 +187,35 @@ def _exit_status(outcome: Outcome) -> int:
 def _outcome_dict(outcome: Outcome) -> dict:
     return {"kind": outcome.kind.value, "vcpu": outcome.vcpu, "status": outcome.status,
             "detail": outcome.detail, "exits": outcome.exits}
+
+
+class Signalled(BaseException):
+    """SIGTERM or SIGHUP before the guest runs: unwind (closing everything, restoring the terminal)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def stop_on_signals(vm_box: list):
+    """SIGTERM and SIGHUP stop the run cleanly (status 128 + signal) instead of killing pyvmm mid-way."""
+    def handler(signum, frame):
+        vm = vm_box[0] if vm_box else None
+        if vm is not None and vm.running:
+            vm.request_stop(Outcome(ExitKind.STOPPED, status=signum, detail=f"stopped by {signal.Signals(signum).name}"))
+        else:
+            raise Signalled(signum)
+
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may install handlers
+        yield
+        return
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def cmd_run(args) -> int:
@@ -202,7 +234,10 @@ def cmd_run(args) -> int:
             boot_opts[key] = getattr(args, key)
     if args.console == "virtio" and args.cmdline is None:
         boot_opts["cmdline"] = "console=hvc0 earlycon"
-    with Kvm(args.kvm_device) as kvm, Vm(protected=args.protected, kvm=kvm, ipa_bits=args.ipa_bits) as vm:
+    vm_box: list = []
+    with stop_on_signals(vm_box), Kvm(args.kvm_device) as kvm, \
+            Vm(protected=args.protected, kvm=kvm, ipa_bits=args.ipa_bits) as vm:
+        vm_box.append(vm)
         if args.console_file is not None:
             vm.console.echo, close_console = file_echo(args.console_file)
             vm.on_close.append(close_console)
@@ -260,6 +295,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # during set-up; a running guest is stopped by the run loop instead
         print("pyvmm: interrupted", file=sys.stderr)
         return 130
+    except Signalled as sig:
+        print(f"pyvmm: stopped by {signal.Signals(sig.signum).name}", file=sys.stderr)
+        return 128 + sig.signum
 
 
 if __name__ == "__main__":

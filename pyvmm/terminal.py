@@ -47,13 +47,18 @@ class StdinForwarder:
             return
         if os.isatty(self.fd):
             self._saved = termios.tcgetattr(self.fd)
-            tty.setraw(self.fd, termios.TCSANOW)
-            attrs = termios.tcgetattr(self.fd)  # keep output processing: "\n" still starts a new line
-            attrs[1] |= termios.OPOST | termios.ONLCR
-            termios.tcsetattr(self.fd, termios.TCSANOW, attrs)
-        self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC)
-        self._thread = threading.Thread(target=self._forward, name="pyvmm-stdin", daemon=True)
-        self._thread.start()
+        try:
+            if self._saved is not None:
+                tty.setraw(self.fd, termios.TCSANOW)
+                attrs = termios.tcgetattr(self.fd)  # keep output processing: "\n" still starts a new line
+                attrs[1] |= termios.OPOST | termios.ONLCR
+                termios.tcsetattr(self.fd, termios.TCSANOW, attrs)
+            self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC)
+            self._thread = threading.Thread(target=self._forward, name="pyvmm-stdin", daemon=True)
+            self._thread.start()
+        except BaseException:  # __exit__ does not run when __enter__ fails: give the terminal back here
+            self.stop()
+            raise
 
     def _forward(self) -> None:
         signal.pthread_sigmask(signal.SIG_BLOCK, PROCESS_SIGNALS)
@@ -101,13 +106,16 @@ class StdinForwarder:
         """Stop forwarding and give the terminal back as it was (idempotent)."""
         if self._stop_w is not None:
             os.write(self._stop_w, b"x")
+        stopped = True
         if self._thread is not None:
             self._thread.join(2)
-        for fd in (self._stop_r, self._stop_w):
-            if fd is not None:
-                os.close(fd)
-        self._stop_r = self._stop_w = None
-        self._thread = None
+            stopped = not self._thread.is_alive()
+        if stopped:  # a thread still inside feed() keeps its fds: closing them under it is not safe
+            for fd in (self._stop_r, self._stop_w):
+                if fd is not None:
+                    os.close(fd)
+            self._stop_r = self._stop_w = None
+            self._thread = None
         if self._saved is not None:
             termios.tcsetattr(self.fd, termios.TCSADRAIN, self._saved)
             self._saved = None

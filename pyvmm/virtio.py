@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from .vm import Vm
 
 log = logging.getLogger("pyvmm.virtio")
+THREAD_JOIN = 5.0  # seconds a device thread gets to stop when the VM closes
 
 
 @dataclass(frozen=True)
@@ -60,12 +61,13 @@ class VirtioMmio:
         self.notify_fds: list[int] = []  # one eventfd per queue, while KVM_IOEVENTFD is assigned
         self._stop_fd: int | None = None
         self._thread: threading.Thread | None = None
+        self._closed = False  # set under the transport's lock: from then on no interrupt is raised
         vm.mmio_bus.insert(self.transport, slot.base, slot.size, self.name)
 
     # --- interrupts -----------------------------------------------------------------------
     def _interrupt(self, level: bool) -> None:
         """The transport's interrupt line (called under its lock, from any thread)."""
-        if self.slot.irq is None:
+        if self.slot.irq is None or self._closed:
             return
         if self.irqfd is not None:
             if level:  # an edge per raised interrupt bit; the driver reads and ACKs InterruptStatus
@@ -119,17 +121,31 @@ class VirtioMmio:
                     os.eventfd_read(fd)
                 except BlockingIOError:
                     continue
-                self.transport.notify(queues[fd])  # never raises: a bad queue sets DEVICE_NEEDS_RESET
+                try:
+                    self.transport.notify(queues[fd])  # a bad queue sets DEVICE_NEEDS_RESET, it does not raise
+                except Exception:  # a backstop: this thread must outlive any bug, or the device goes deaf
+                    log.exception("%s: queue %d", self.name, queues[fd])
 
     # --- teardown --------------------------------------------------------------------------
     def close(self) -> None:
-        """Stop the thread, detach from KVM (while the VM fd is still open), close every fd."""
+        """Detach from KVM and close every fd, in an order that leaves no thread using a closed fd:
+        interrupts off first (under the transport's lock), then the threads that produce work (this
+        device's notify thread, the device's own threads), then KVM's side, then the fds.  A thread that
+        does not stop keeps its fds open (logged): closing them under it could hit a reused fd number."""
+        with self.transport.lock:
+            self._closed = True
         steps = []
+        thread_stopped = True
         if self._thread is not None:
             os.eventfd_write(self._stop_fd, 1)
-            self._thread.join(5)
-            if self._thread.is_alive():
-                log.error("%s: device thread did not stop", self.name)
+            self._thread.join(THREAD_JOIN)
+            thread_stopped = not self._thread.is_alive()
+            if not thread_stopped:
+                log.error("%s: device thread did not stop within %.0f s; its eventfds are left open",
+                          self.name, THREAD_JOIN)
+        closer = getattr(self.device, "close", None)
+        if closer is not None:
+            steps.append(closer)  # stops the device's own threads, then closes its fds (disk, TAP)
         vm_open = not self.vm.fd.closed
         addr = self.slot.base + VIRTIO_MMIO_QUEUE_NOTIFY
         for index, fd in enumerate(self.notify_fds):
@@ -137,15 +153,13 @@ class VirtioMmio:
                 steps.append(lambda fd=fd, index=index: self.vm.fd.ioeventfd(
                     fd, addr, 4, flags=uapi.KVM_IOEVENTFD_FLAG_DATAMATCH | uapi.KVM_IOEVENTFD_FLAG_DEASSIGN,
                     datamatch=index))
-            steps.append(lambda fd=fd: os.close(fd))
+            if thread_stopped:
+                steps.append(lambda fd=fd: os.close(fd))
         if self.irqfd is not None:
             if vm_open:
                 steps.append(lambda fd=self.irqfd: self.vm.fd.irqfd(fd, self.slot.irq, flags=uapi.KVM_IRQFD_FLAG_DEASSIGN))
             steps.append(lambda fd=self.irqfd: os.close(fd))
-        if self._stop_fd is not None:
+        if self._stop_fd is not None and thread_stopped:
             steps.append(lambda fd=self._stop_fd: os.close(fd))
-        closer = getattr(self.device, "close", None)
-        if closer is not None:
-            steps.append(closer)
         self.notify_fds, self.irqfd, self._stop_fd = [], None, None
         close_all(steps)

@@ -245,6 +245,11 @@ class Vm:
         if loop is not None:
             loop.finish(outcome)
 
+    @property
+    def running(self) -> bool:
+        """True while ``run()`` is in progress (``request_stop`` reaches it)."""
+        return self._runloop is not None
+
     def exit_counts(self) -> dict[str, int]:
         """KVM exits of the current run (or the last one) by exit reason name, all vCPUs together."""
         loop = self._runloop

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pty
 import select
+import signal
 import subprocess
 import sys
 import termios
@@ -49,9 +50,10 @@ def _read_until(fd: int, text: bytes, limit: float = 20) -> bytes:
     return seen
 
 
-def _run_on_a_terminal(image: str, keys: bytes, wait_for: bytes) -> tuple[int, bytes, list, list]:
-    """Run pyvmm on a pseudo-terminal; type ``keys`` once ``wait_for`` appeared. Returns
-    (exit status, what the terminal showed, termios before, termios after)."""
+def _run_on_a_terminal(image: str, keys: bytes, wait_for: bytes, signum: int | None = None
+                       ) -> tuple[int, bytes, list, list]:
+    """Run pyvmm on a pseudo-terminal; type ``keys`` (or send ``signum``) once ``wait_for`` appeared.
+    Returns (exit status, what the terminal showed, termios before, termios after)."""
     pid, master = pty.fork()
     if pid == 0:  # the child: pyvmm with the terminal as stdin/stdout/stderr
         os.chdir(ROOT)
@@ -59,7 +61,10 @@ def _run_on_a_terminal(image: str, keys: bytes, wait_for: bytes) -> tuple[int, b
     try:
         before = termios.tcgetattr(master)
         shown = _read_until(master, wait_for)
-        os.write(master, keys)
+        if signum is not None:
+            os.kill(pid, signum)
+        else:
+            os.write(master, keys)
         shown += _read_until(master, b"pyvmm: ")
         shown += _read_until(master, b"\n", 5)
         _, status = os.waitpid(pid, 0)
@@ -103,3 +108,12 @@ def test_console_file_and_a_closed_stdout(x86_firmware, tmp_path):
     os.close(w)
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr and "fault report" not in proc.stderr
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_and_sighup_stop_cleanly_and_restore_the_terminal(x86_firmware, signum):
+    code, shown, before, after = _run_on_a_terminal(os.path.join(x86_firmware, "spin"), b"", b"spin: spinning",
+                                                    signum)
+    assert code == 128 + signum
+    assert f"pyvmm: stopped: stopped by {signal.Signals(signum).name}".encode() in shown
+    assert after == before

@@ -295,3 +295,28 @@ def test_identical_lines_are_rate_limited(caplog):
 
 def test_indirect_flag_constant_is_spec_value():
     assert (VIRTQ_DESC_F_INDIRECT, VIRTIO_F_INDIRECT_DESC, VIRTIO_F_EVENT_IDX) == (4, 28, 29)
+
+
+def test_a_failing_interrupt_line_is_logged_not_raised(caplog):
+    """A host-side failure to raise the interrupt (a closed eventfd, a failed ioctl) must not escape into the
+    run loop or kill a device thread: one log line, InterruptStatus keeps the bit, the next request works."""
+    mem = FakeMemory()
+    calls = []
+
+    def broken(level):
+        calls.append(level)
+        if len(calls) == 1:
+            raise OSError(9, "Bad file descriptor")
+
+    transport = VirtioMmioTransport(VirtioRng(), mem, broken)
+    d = Driver(transport, mem)
+    d.probe()
+    first = d.add(0, [Buf(DATA_BASE, 16, write=True)])
+    d.kick(0)  # must not raise
+    assert d.take_used(0) == [(first, 16)]
+    assert d.r32(0x60) & 1  # InterruptStatus: the used-buffer bit is set for a polling driver
+    assert sum("raising the interrupt failed: OSError" in r.message for r in caplog.records) == 1
+    d.ack()
+    second = d.add(0, [Buf(DATA_BASE + 0x100, 16, write=True)])
+    d.kick(0)
+    assert d.take_used(0) == [(second, 16)] and calls[-1] is True

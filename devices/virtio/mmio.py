@@ -4,7 +4,7 @@
 ``MMIO_SIZE`` bytes).  Registers are 32-bit and aligned; any other access to them is ignored (reads
 as 0) and logged.  The configuration space at 0x100 takes any width.  ``interrupt(level)`` follows
 InterruptStatus: True when a bit is raised (every time), False when InterruptACK clears the last.
-``notify(index)`` processes a queue: QueueNotify writes call it, and so may an ioeventfd thread.
+``notify(index)`` processes a queue: QueueNotify writes call it, and so does pyvmm's ioeventfd thread.
 Nothing a driver or a device does raises out of this class: a broken queue or a device that raises
 sets DEVICE_NEEDS_RESET (with a configuration-change interrupt once DRIVER_OK is set).
 """
@@ -101,7 +101,7 @@ class VirtioMmioTransport:
             self._reset_registers()
             self._guard("reset", self.device.reset)
             if asserted:
-                self.interrupt(False)
+                self._signal(False)
 
     # --- the bus interface ---------------------------------------------------------
     def read(self, offset: int, size: int) -> bytes:
@@ -180,7 +180,7 @@ class VirtioMmioTransport:
         elif offset == VIRTIO_MMIO_INTERRUPT_ACK:
             self.interrupt_status &= ~value
             if value and not self.interrupt_status:
-                self.interrupt(False)
+                self._signal(False)
         elif offset == VIRTIO_MMIO_QUEUE_NOTIFY:
             self.notify(value & 0xFFFF)
         elif offset == VIRTIO_MMIO_SHM_SEL:
@@ -315,7 +315,15 @@ class VirtioMmioTransport:
 
     def _raise(self, bit: int) -> None:
         self.interrupt_status |= bit
-        self.interrupt(True)
+        self._signal(True)
+
+    def _signal(self, level: bool) -> None:
+        """The interrupt line; a host-side failure (a closed eventfd, a failed ioctl) is logged, never raised:
+        InterruptStatus keeps the bit, so a driver that polls still sees it."""
+        try:
+            self.interrupt(level)
+        except Exception as err:
+            self.rlog.warning(f"{self.device.name}: raising the interrupt failed: {type(err).__name__}: {err}")
 
     def _guard(self, what: str, fn, *args):
         try:

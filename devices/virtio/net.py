@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import select
+import signal
 import struct
 import threading
 
@@ -88,7 +89,11 @@ class VirtioNet(VirtioDevice):
                     frame = gather(self.memory, chain.readable, 0, chain.readable_len)
                 except AccessError as err:
                     queue.report(chain, err.fault)
-                else:
+                    frame = None
+                if frame is not None and (frame[0] or frame[1]):  # flags, gso_type: no offload was negotiated
+                    queue.report(chain, Fault(f"transmit header asks for offloads (flags {frame[0]:#x}, gso_type "
+                                              f"{frame[1]:#x}) that were not negotiated"))
+                elif frame is not None:
                     try:
                         os.write(self.fd, frame)
                         self.tx_frames += 1
@@ -98,6 +103,7 @@ class VirtioNet(VirtioDevice):
 
     # --- receive ----------------------------------------------------------------------------
     def _receive_loop(self) -> None:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT})
         poller = select.poll()
         poller.register(self.fd, select.POLLIN)
         poller.register(self._stop_r, select.POLLIN)
@@ -159,10 +165,17 @@ class VirtioNet(VirtioDevice):
             self._room.set()
 
     def close(self) -> None:
+        """Stop the receive thread, then close the fds; if the thread does not stop, its fds stay open
+        (closing them under it could hit a reused fd number)."""
         if self._stop_w is not None:
             os.write(self._stop_w, b"x")
+        stopped = True
         if self._thread is not None:
             self._thread.join(5)
+            stopped = not self._thread.is_alive()
+        if not stopped:
+            log.error("virtio-net: the receive thread did not stop; its fds are left open")
+            return
         for fd in (self._stop_r, self._stop_w, self.fd):
             if fd is not None and fd >= 0:
                 os.close(fd)

@@ -209,12 +209,15 @@ def decode(run: uapi.kvm_run, view: memoryview) -> VcpuExit:
     return Other(reason)
 
 
+EHWPOISON = getattr(errno, "EHWPOISON", 133)  # Linux's value; not every Python's errno module has the name
+
+
 def memory_fault_after_error(run: uapi.kvm_run, err: int) -> MemoryFault | None:
     """After KVM_RUN failed with ``err``: the KVM_EXIT_MEMORY_FAULT KVM filled in, if it did.
 
     Only EFAULT and EHWPOISON come with valid memory_fault fields; after any other error (or
     without KVM_EXIT_MEMORY_FAULT in exit_reason) the union is stale."""
-    if err in (errno.EFAULT, errno.EHWPOISON) and run.exit_reason == uapi.KVM_EXIT_MEMORY_FAULT:
+    if err in (errno.EFAULT, EHWPOISON) and run.exit_reason == uapi.KVM_EXIT_MEMORY_FAULT:
         mf = run.memory_fault
         return MemoryFault(mf.flags, mf.gpa, mf.size)
     return None
