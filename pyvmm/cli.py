@@ -252,7 +252,8 @@ def cmd_run(args) -> int:
             vm.add_virtio_rng()
         for tap, mac in nets:
             vm.add_virtio_net(tap, mac)
-        console_input = (vm.add_virtio_console().device if args.console == "virtio" else vm.devices["uart"]).feed
+        virtio_console = vm.add_virtio_console().device if args.console == "virtio" else None
+        console_input = (virtio_console or vm.devices["uart"]).feed
         vm.create_vcpus(args.vcpus)
         vm.boot(args.image, **boot_opts)
 
@@ -260,7 +261,11 @@ def cmd_run(args) -> int:
             vm.request_stop(Outcome(ExitKind.STOPPED, detail="ended from the terminal (Ctrl-] q)"))
 
         with StdinForwarder(console_input, escape):
-            outcome = vm.run(timeout=args.timeout)
+            try:
+                outcome = vm.run(timeout=args.timeout)
+            finally:
+                if virtio_console is not None:
+                    virtio_console.close()  # a forwarder waiting for the guest to take input returns
     sys.stdout.flush()
     print(f"pyvmm: {outcome.kind.value}: {outcome.detail}", file=sys.stderr)
     if outcome.report is not None:

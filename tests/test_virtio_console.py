@@ -67,10 +67,50 @@ def test_input_kept_when_buffer_is_outside_ram():
     assert mem.read(DATA_BASE, 3) == b"abc"
 
 
-def test_input_limit():
+def test_input_limit_without_blocking_drops_the_rest():
     mem, irq, out, con, d, features = setup(max_pending=8)
-    con.feed(b"0123456789")
+    assert con.feed(b"0123456789", block=False) == 8
     assert bytes(con.pending) == b"01234567"
+
+
+def test_blocking_input_waits_for_the_guest_and_loses_nothing():
+    """A feeder with more input than fits (stdin from a pipe) waits for the guest to take it: every byte
+    arrives, in order, however small the buffers the guest posts."""
+    import threading
+
+    mem, irq, out, con, d, features = setup(max_pending=64)
+    data = bytes(range(256)) * 16  # 4 KiB through a 64-byte window
+    feeder = threading.Thread(target=con.feed, args=(data,))
+    feeder.start()
+    import time
+
+    got = bytearray()
+    deadline = time.monotonic() + 30
+    while len(got) < len(data) and time.monotonic() < deadline:
+        head = d.add(0, [Buf(DATA_BASE, 48, write=True)])  # one buffer at a time, like a slow guest
+        d.kick(0)
+        used = []
+        while not used and time.monotonic() < deadline:
+            used = d.take_used(0)
+            time.sleep(0.001) if not used else None
+        assert [h for h, _ in used] == [head]
+        got += mem.read(DATA_BASE, used[0][1])
+    feeder.join(5)
+    assert not feeder.is_alive() and bytes(got) == data
+
+
+def test_closing_releases_a_waiting_feeder():
+    import threading
+
+    mem, irq, out, con, d, features = setup(max_pending=4)
+    result = []
+    feeder = threading.Thread(target=lambda: result.append(con.feed(b"0123456789")))
+    feeder.start()
+    feeder.join(0.3)
+    assert feeder.is_alive()  # waiting for room
+    con.close()
+    feeder.join(5)
+    assert result == [4]
 
 
 def test_size_feature_and_config():

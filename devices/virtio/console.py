@@ -32,7 +32,8 @@ class VirtioConsole(VirtioDevice):
         self.queue_sizes = (queue_size, queue_size)
         self.max_pending = max_pending
         self.pending = bytearray()
-        self._lock = threading.Lock()  # pending input: fed by a host thread
+        self._lock = threading.Condition()  # pending input: fed by a host thread, drained by the receive queue
+        self._closed = False
 
     def device_features(self) -> int:
         return 1 << VIRTIO_CONSOLE_F_SIZE if self.cols or self.rows else 0
@@ -44,14 +45,36 @@ class VirtioConsole(VirtioDevice):
         self.cols, self.rows = cols, rows
         self.config_changed()
 
-    def feed(self, data: bytes) -> None:
-        """Host input for the guest to read."""
+    def feed(self, data: bytes, block: bool = True) -> int:
+        """Host input for the guest to read; returns how many bytes were taken.
+
+        With ``block`` (what pyvmm's stdin forwarder does) the caller waits while ``max_pending`` bytes
+        are already waiting for the guest, so a pipe is forwarded whole, at the guest's pace; it returns
+        early only when the device is closed.  Without it, what does not fit is dropped (logged)."""
+        view, taken = memoryview(bytes(data)), 0
+        while view:
+            with self._lock:
+                while block and len(self.pending) >= self.max_pending and not self._closed:
+                    self._lock.wait(0.2)
+                if self._closed:
+                    break
+                room = self.max_pending - len(self.pending)
+                if not block and room < len(view):
+                    log.warning("%s: input buffer full; %d bytes dropped", self.name, len(view) - max(room, 0))
+                    view = view[:max(room, 0)]
+                chunk = view[:room]
+                self.pending += chunk
+                view, taken = view[len(chunk):], taken + len(chunk)
+            self.wake(RECEIVEQ)
+            if not block:
+                break
+        return taken
+
+    def close(self) -> None:
+        """No more input: a feeder waiting for room returns."""
         with self._lock:
-            room = self.max_pending - len(self.pending)
-            if len(data) > room:
-                log.warning("%s: input buffer full; %d bytes dropped", self.name, len(data) - max(room, 0))
-            self.pending += data[:max(room, 0)]
-        self.wake(RECEIVEQ)
+            self._closed = True
+            self._lock.notify_all()
 
     def process(self, queue: Virtqueue) -> None:
         if queue.index == TRANSMITQ:
@@ -80,6 +103,7 @@ class VirtioConsole(VirtioDevice):
                 with self._lock:
                     data = bytes(self.pending[:min(chain.writable_len, CHUNK)])
                     del self.pending[:len(data)]
+                    self._lock.notify_all()  # room for a waiting feeder
                 try:
                     written = scatter(self.memory, chain.writable, 0, data)
                 except AccessError as err:
