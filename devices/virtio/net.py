@@ -54,8 +54,7 @@ class VirtioNet(VirtioDevice):
         self.rx_frames = self.tx_frames = self.rx_dropped = 0
         self._held: bytes | None = None  # a received frame waiting for a guest buffer
         self._held_lock = threading.Lock()
-        self._room = threading.Event()  # set when the held frame has been delivered
-        self._room.set()
+        self._room_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)  # written when the held frame goes
         self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC)
         self._thread: threading.Thread | None = None
 
@@ -103,20 +102,19 @@ class VirtioNet(VirtioDevice):
 
     # --- receive ----------------------------------------------------------------------------
     def _receive_loop(self) -> None:
+        """Read a frame whenever none is held; while one is held, wait for the guest to take it (no polling)."""
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT})
-        poller = select.poll()
-        poller.register(self.fd, select.POLLIN)
-        poller.register(self._stop_r, select.POLLIN)
         while True:
-            if not self._room.is_set():  # a frame waits for a guest buffer: do not read more
-                ready = select.select([self._stop_r], [], [], 0.05)[0]
-                if ready:
-                    return
-                self._room.wait(0.05)
-                continue
-            events = dict(poller.poll())
-            if self._stop_r in events:
+            waiting = [self._stop_r, self._room_fd] + ([self.fd] if self._held is None else [])
+            ready = select.select(waiting, [], [])[0]
+            if self._stop_r in ready:
                 return
+            if self._room_fd in ready:
+                try:
+                    os.eventfd_read(self._room_fd)
+                except BlockingIOError:
+                    pass
+                continue
             try:
                 frame = os.read(self.fd, MAX_FRAME)
             except BlockingIOError:
@@ -128,7 +126,6 @@ class VirtioNet(VirtioDevice):
                 continue
             with self._held_lock:
                 self._held = frame
-                self._room.clear()
             self.wake(RECEIVEQ)
 
     def _deliver(self, queue: Virtqueue) -> None:
@@ -155,14 +152,20 @@ class VirtioNet(VirtioDevice):
                     self.rx_dropped += 1
             queue.push(chain.head, written)
             self._held = None
-            self._room.set()
+        self._signal_room()
+
+    def _signal_room(self) -> None:
+        """Wake the receive thread: no frame is held any more."""
+        fd = self._room_fd
+        if fd is not None:
+            os.eventfd_write(fd, 1)
 
     # --- lifetime ---------------------------------------------------------------------------
     def reset(self) -> None:
         super().reset()
         with self._held_lock:
             self._held = None
-            self._room.set()
+        self._signal_room()
 
     def close(self) -> None:
         """Stop the receive thread, then close the fds; if the thread does not stop, its fds stay open
@@ -176,8 +179,8 @@ class VirtioNet(VirtioDevice):
         if not stopped:
             log.error("virtio-net: the receive thread did not stop; its fds are left open")
             return
-        for fd in (self._stop_r, self._stop_w, self.fd):
+        for fd in (self._stop_r, self._stop_w, self._room_fd, self.fd):
             if fd is not None and fd >= 0:
                 os.close(fd)
-        self._stop_r = self._stop_w = None
+        self._stop_r = self._stop_w = self._room_fd = None
         self.fd = -1
