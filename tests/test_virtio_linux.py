@@ -174,6 +174,7 @@ poweroff -f
 HVC_SHELL = r"""
 waitfor /dev/hvc0
 out "hvc0 shell"
+drain  # the marker is out on ttyS0 before the shell's first words on hvc0: the two never interleave
 sh -c 'exec setsid -c sh -i' </dev/hvc0 >/dev/hvc0 2>&1
 out "hvc0 shell ended with status $?"
 """
