@@ -8,8 +8,9 @@ decides what an exit means.  ``VcpuFd.run()`` hands over typed exits (``pyvmm/kv
   it, so it is filled even when the VM is being stopped (a later ``run()`` resumes correctly).
 * An ``Mmio`` exit inside a memslot is either a write to a READONLY slot (ROM, flash: delivered
   to the bus, where a device may claim it; unclaimed writes are dropped and counted, unclaimed reads
-  return the slot's bytes), or, on any other slot, the named quirk ``MMIO_IN_SLOT_QUIRK``: the host
-  could not reach the page behind the slot, which ends the VM with a fault report.
+  return the slot's bytes), or, on any other slot, a fault: the host could not reach the page behind
+  the slot (hosts that emulate guest accesses, such as kvm_pvm, fall back to MMIO when copying from or
+  to the slot's mapping fails, where hardware KVM fails KVM_RUN with EFAULT); report.py explains it.
 * ``Hlt`` parks the vCPU (the VM halts when all have); ``Shutdown``, ``SystemEvent``, ``Debug``
   and failures end the VM with an ``Outcome``; ``Hypercall`` is answered; ``Intr`` loops.
 
@@ -40,12 +41,6 @@ log = logging.getLogger("pyvmm.run")
 KVM_ENOSYS = 1000  # include/uapi/linux/kvm_para.h
 JOIN_LIMIT = 5.0  # seconds a vCPU thread gets to leave KVM_RUN after the VM ended
 KICK_INTERVAL = 0.05
-
-MMIO_IN_SLOT_QUIRK = (
-    "an MMIO exit inside a memslot that is not READONLY: KVM could not reach the host page behind the slot "
-    "(hosts that emulate guest accesses, such as kvm_pvm, fall back to MMIO when copying from or to the "
-    "slot's host mapping fails, where hardware KVM would fail KVM_RUN with EFAULT)"
-)
 
 SYSTEM_EVENT_KINDS = {
     uapi.KVM_SYSTEM_EVENT_SHUTDOWN: ExitKind.POWER_OFF,
