@@ -54,6 +54,16 @@ puthex:
 	pop	%rax
 	ret
 
+/* puthex_sp, puthex_nl: puthex, then a space or a newline; clobber %al, %rcx, %rdx */
+puthex_sp:
+	call	puthex
+	mov	$' ', %al
+	jmp	putc
+puthex_nl:
+	call	puthex
+	mov	$'\n', %al
+	jmp	putc
+
 /* guest_exit: %eax = status, written to the debug-exit port; does not return */
 guest_exit:
 	mov	$DEBUG_EXIT, %dx

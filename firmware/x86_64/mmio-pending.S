@@ -17,13 +17,9 @@ _start:
 	lea	m_pend(%rip), %rbx
 	call	puts
 	mov	%r8, %rax
-	call	puthex
-	mov	$' ', %al
-	call	putc
+	call	puthex_sp
 	mov	%r9, %rax
-	call	puthex
-	mov	$'\n', %al
-	call	putc
+	call	puthex_nl
 idle:	hlt
 	jmp	idle
 

@@ -48,9 +48,7 @@ _start:
 	lea	m_sum(%rip), %rbx
 	call	puts
 	mov	%r9, %rax
-	call	puthex
-	mov	$'\n', %al
-	call	putc
+	call	puthex_nl
 idle:	hlt
 	jmp	idle
 
