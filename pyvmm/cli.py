@@ -9,6 +9,7 @@ timeout; 2 for bad input or a host that cannot run the VM (one line, no tracebac
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import contextlib
 import json
 import logging
@@ -25,6 +26,7 @@ from .kvm.errors import ConfigError, PyvmmError
 from .memory.backing import BackingSpec
 from .outcome import ExitKind, Outcome
 from .terminal import ESCAPE_HELP, StdinForwarder
+from .virtio import DMA_POOL_ALIGN
 from .vm import Vm, file_echo, stdout_echo
 
 EXIT_BAD_INPUT = 2
@@ -68,6 +70,19 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _pool_size(text: str) -> int:
+    if text.strip() == "0":
+        return 0
+    try:
+        size = parse_size(text)
+    except ConfigError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    if size % DMA_POOL_ALIGN:
+        raise argparse.ArgumentTypeError(f"{text}: must be a multiple of {DMA_POOL_ALIGN >> 10} KiB "
+                                         "(the largest arm64 granule), or 0 for none")
+    return size
+
+
 def _timeout(text: str) -> float:
     try:
         value = float(text)
@@ -107,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--cmdline", default=None, help="kernel command line (Linux images)")
     run.add_argument("--initrd", default=None, help="initial ramdisk (Linux images)")
     run.add_argument("--protected", action="store_true", help="arm64: create a pKVM protected VM")
+    run.add_argument("--dma-pool", metavar="SIZE", type=_pool_size, default=None,
+                     help="arm64: guest RAM for the restricted DMA pool every virtio device is confined to on a "
+                          "protected VM (default with --protected: 8M, or an eighth of RAM if less; else none; 0: none)")
     run.add_argument("--pvmfw", metavar="FILE", help="arm64 protected VMs on Android's pKVM ABI: the pvmfw image")
     run.add_argument("--ipa-bits", type=int, default=None, help="arm64: guest physical address size in bits")
     run.add_argument("-q", "--quiet", action="store_true", help="do not echo the guest console")
@@ -186,7 +204,25 @@ def _exit_status(outcome: Outcome) -> int:
 
 def _outcome_dict(outcome: Outcome) -> dict:
     return {"kind": outcome.kind.value, "vcpu": outcome.vcpu, "status": outcome.status,
-            "detail": outcome.detail, "exits": outcome.exits}
+            "detail": outcome.detail, "exits": outcome.exits,
+            "device_faults": [dataclasses.asdict(f) for f in outcome.device_faults],
+            "device_memory": outcome.device_memory}
+
+
+SHOWN_DEVICE_FAULTS = 8
+
+
+def print_device_faults(outcome: Outcome) -> None:
+    """The refused device accesses of the run, after the outcome line (all of them in --report-json)."""
+    faults = outcome.device_faults
+    if not faults:
+        return
+    print(f"pyvmm: {len(faults)} device request(s) refused: they named memory the protected guest had not shared",
+          file=sys.stderr)
+    for fault in faults[:SHOWN_DEVICE_FAULTS]:
+        print(f"pyvmm:   {fault.line}", file=sys.stderr)
+    if len(faults) > SHOWN_DEVICE_FAULTS:
+        print(f"pyvmm:   ... and {len(faults) - SHOWN_DEVICE_FAULTS} more (--report-json lists them)", file=sys.stderr)
 
 
 class Signalled(BaseException):
@@ -236,7 +272,7 @@ def cmd_run(args) -> int:
         boot_opts["cmdline"] = "console=hvc0 earlycon"
     vm_box: list = []
     with stop_on_signals(vm_box), Kvm(args.kvm_device) as kvm, \
-            Vm(protected=args.protected, kvm=kvm, ipa_bits=args.ipa_bits) as vm:
+            Vm(protected=args.protected, kvm=kvm, ipa_bits=args.ipa_bits, dma_pool=args.dma_pool) as vm:
         vm_box.append(vm)
         if args.console_file is not None:
             vm.console.echo, close_console = file_echo(args.console_file)
@@ -268,6 +304,7 @@ def cmd_run(args) -> int:
                     virtio_console.close()  # a forwarder waiting for the guest to take input returns
     sys.stdout.flush()
     print(f"pyvmm: {outcome.kind.value}: {outcome.detail}", file=sys.stderr)
+    print_device_faults(outcome)
     if outcome.report is not None:
         print(outcome.report.text(), file=sys.stderr)
     if args.report_json:

@@ -27,6 +27,19 @@ class ExitKind(enum.Enum):
     FAULT = "fault"  # KVM_RUN failed, or a failure exit; ``report`` explains
 
 
+@dataclass(frozen=True)
+class DeviceFault:
+    """A device request that failed on guest memory the device may not touch (a protected guest's private
+    page): what ``Outcome.device_faults`` and the JSON report list.  ``line`` is the log line, whole."""
+
+    device: str  # "virtio-blk@0xb000000"
+    queue: int | None
+    gpa: int
+    write: bool
+    cause: str
+    line: str
+
+
 @dataclass
 class Outcome:
     kind: ExitKind
@@ -35,6 +48,8 @@ class Outcome:
     detail: str = ""
     report: "FaultReport | None" = None
     exits: dict[str, int] = field(default_factory=dict)
+    device_faults: list[DeviceFault] = field(default_factory=list)  # the first ones of the VM's life
+    device_memory: dict[str, dict[str, int]] = field(default_factory=dict)  # per device: accesses in/out of shared memory
 
     @property
     def failed(self) -> bool:

@@ -106,6 +106,8 @@ class FaultReport:
     kernel_log_lost: int = 0  # records overwritten before pyvmm read them
     kernel_log_unavailable: str | None = None
     likely_cause: list[str] = field(default_factory=list)
+    dma_pool: dict | None = None  # {"gpa", "size"}: the memory a protected guest shares with its devices
+    device_faults: list[dict] = field(default_factory=list)  # devices' refused accesses (Outcome.device_faults)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -177,6 +179,9 @@ class FaultReport:
             out.append(f"console (last {len(self.console_tail)} lines):")
             out.extend("  | " + line for line in self.console_tail)
         out.extend(self._kernel_log_text())
+        if self.device_faults:
+            out.append(f"device requests refused ({len(self.device_faults)}):")
+            out.extend("  - " + f["line"] for f in self.device_faults[:8])
         out.append("likely cause:")
         out.extend("  - " + c for c in self.likely_cause or ["unknown"])
         return "\n".join(out)
@@ -526,6 +531,9 @@ def build_report(vm: "Vm", vcpu: "VcpuFd | None", what: str, *, call: str | None
     identity = hostinfo.HostIdentity.read(caps)
     report.host = {**asdict(identity), "cpu_text": identity.cpu_text()}
     report.exit_counts = dict(_call(vm, "exit_counts", {}))
+    pool = getattr(vm, "dma_pool", None)
+    report.dma_pool = {"gpa": pool.gpa, "size": pool.size} if pool is not None else None
+    report.device_faults = [asdict(f) for f in getattr(vm, "device_faults", [])]
     console = getattr(vm, "console", None)
     if console is not None:
         report.console_tail = console.text().splitlines()[-CONSOLE_LINES:]

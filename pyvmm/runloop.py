@@ -101,6 +101,8 @@ class RunLoop:
             outcome.detail += (f"; vCPU {', '.join(map(str, stuck))} did not leave KVM_RUN within {JOIN_LIMIT:.0f} s "
                                "(its thread is abandoned)")
         outcome.exits = self.exit_counts()
+        outcome.device_faults = list(self.vm.device_faults)
+        outcome.device_memory = self.vm.device_memory()
         if outcome.report is not None:
             add_missing_vcpus(outcome.report, self.vm)  # vCPUs that were still in KVM_RUN when it was made
         return outcome

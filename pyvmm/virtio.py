@@ -9,6 +9,14 @@ Each device gets, from the architecture, an MMIO window and an interrupt (``arch
 * the interrupt is an edge on a GIC SPI through ``KVM_IRQFD`` where KVM has it (an eventfd write
   from any thread, no exit to userspace), else ``KVM_IRQ_LINE``; on a VM without an in-kernel
   interrupt controller (x86 today) there is none: guests poll.
+
+Guest memory, for a protected VM: a device sees only what the guest shared.  The VM gets a DMA pool
+(``DmaPool``: a ``restricted-dma-pool`` in the device tree, which a pKVM guest kernel shares at boot and
+bounces every virtio buffer through) and every device offers VIRTIO_F_ACCESS_PLATFORM, without which
+Linux hands devices its private buffers.  Each device reaches guest memory through a ``DeviceMemory``
+view that counts its accesses inside and outside shared memory; an access to a private page is refused
+before anything is touched, the request fails, and the refusal is logged in one line with its likely
+cause and recorded in the run's outcome (``Outcome.device_faults``).
 """
 
 from __future__ import annotations
@@ -22,11 +30,16 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from devices.virtio import MMIO_SIZE, VirtioDevice, VirtioMmioTransport
+from devices.virtio.device import VIRTIO_F_ACCESS_PLATFORM, DeviceStatus
 from devices.virtio.mmio import VIRTIO_MMIO_QUEUE_NOTIFY
+from devices.virtio.queue import Virtqueue
 
+from . import hostmem
 from .kvm import uapi
-from .kvm.errors import KvmError
+from .kvm.errors import GuestMemoryError, KvmError, PrivatePageError
 from .kvm.fd import close_all
+from .memory.regions import pages
+from .outcome import DeviceFault
 from .vcpu import PROCESS_SIGNALS
 
 if TYPE_CHECKING:
@@ -34,6 +47,89 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pyvmm.virtio")
 THREAD_JOIN = 5.0  # seconds a device thread gets to stop when the VM closes
+
+
+DMA_POOL_ALIGN = 64 << 10  # covers every arm64 granule (4, 16, 64 KiB)
+DEFAULT_DMA_POOL = 8 << 20  # a protected VM's pool when none is asked for (README: "The DMA pool")
+
+
+def default_dma_pool(ram: int) -> int:
+    """DEFAULT_DMA_POOL, or an eighth of a guest's RAM when that is less (small test guests)."""
+    return min(DEFAULT_DMA_POOL, ram // 8 // DMA_POOL_ALIGN * DMA_POOL_ALIGN)
+MAX_DEVICE_FAULTS = 64  # refusals kept per VM (later ones are counted)
+
+
+@dataclass(frozen=True)
+class DmaPool:
+    """The guest RAM a protected guest shares for device DMA: [gpa, gpa + size)."""
+
+    gpa: int
+    size: int
+
+    @property
+    def end(self) -> int:
+        return self.gpa + self.size
+
+    def contains(self, gpa: int, length: int) -> bool:
+        return self.gpa <= gpa and gpa + length <= self.end
+
+    def __str__(self) -> str:
+        return f"[{self.gpa:#x}, {self.end:#x})"
+
+
+@dataclass
+class AccessCounts:
+    """A device's accesses to guest memory: inside the DMA pool or declared-shared pages, outside them
+    (normal VMs only: a protected VM refuses those), and refused (a protected guest's private pages)."""
+
+    shared: int = 0
+    outside: int = 0
+    refused: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {"shared": self.shared, "outside": self.outside, "refused": self.refused}
+
+
+class DeviceMemory:
+    """The guest memory one device sees: ``GuestMemory.read/write`` with its accesses counted, and a
+    refused private page explained (which pool, whether the driver negotiated ACCESS_PLATFORM)."""
+
+    def __init__(self, attached: "VirtioMmio"):
+        self._attached = attached
+        self._memory = attached.vm.memory
+        self.counts = AccessCounts()
+
+    def _count(self, gpa: int, length: int) -> None:
+        pool = self._attached.vm.dma_pool
+        shared = self._memory.shared_pages
+        if (pool is not None and pool.contains(gpa, length)) or (shared and all(p in shared for p in pages(gpa, length))):
+            self.counts.shared += 1
+        else:
+            self.counts.outside += 1
+
+    def _refused(self, err: PrivatePageError) -> PrivatePageError:
+        self.counts.refused += 1
+        page = err.gpa - err.gpa % hostmem.PAGE_SIZE
+        pool = self._attached.vm.dma_pool
+        where = f"outside the DMA pool {pool}" if pool is not None else "and the VM has no DMA pool"
+        return PrivatePageError(f"guest page {page:#x} is private to the protected guest, {where}: not touched "
+                                f"(a host access would make pKVM reclaim it); likely cause: {self._attached.cause()}",
+                                err.gpa, err.write)
+
+    def read(self, gpa: int, length: int) -> bytes:
+        try:
+            data = self._memory.read(gpa, length)
+        except PrivatePageError as err:
+            raise self._refused(err) from None
+        self._count(gpa, length)
+        return data
+
+    def write(self, gpa: int, data: bytes) -> None:
+        try:
+            self._memory.write(gpa, data)
+        except PrivatePageError as err:
+            raise self._refused(err) from None
+        self._count(gpa, len(data))
 
 
 @dataclass(frozen=True)
@@ -55,7 +151,9 @@ class VirtioMmio:
         self.slot = slot
         self.use_ioeventfd = ioeventfd
         self.use_irqfd = irqfd
-        self.transport = VirtioMmioTransport(device, vm.memory, self._interrupt)
+        self.memory = DeviceMemory(self)
+        platform = 1 << VIRTIO_F_ACCESS_PLATFORM if vm.protected or vm.dma_pool_size else 0  # None: a default pool
+        self.transport = VirtioMmioTransport(device, self.memory, self._interrupt, platform, self._fault)
         self.name = f"{device.name}@{slot.base:#x}"
         self.irqfd: int | None = None
         self.notify_fds: list[int] = []  # one eventfd per queue, while KVM_IOEVENTFD is assigned
@@ -63,6 +161,23 @@ class VirtioMmio:
         self._thread: threading.Thread | None = None
         self._closed = False  # set under the transport's lock: from then on no interrupt is raised
         vm.mmio_bus.insert(self.transport, slot.base, slot.size, self.name)
+
+    # --- refused accesses --------------------------------------------------------------------
+    def access_platform(self) -> bool | None:
+        """Whether the driver negotiated VIRTIO_F_ACCESS_PLATFORM (None: it has not set FEATURES_OK yet)."""
+        t = self.transport
+        if not t.status & DeviceStatus.FEATURES_OK:
+            return None
+        return bool(t.driver_features >> VIRTIO_F_ACCESS_PLATFORM & 1)
+
+    def cause(self) -> str:
+        return self.vm.arch.device_access_cause(self.vm, self.access_platform())
+
+    def _fault(self, queue: Virtqueue | None, line: str, error: GuestMemoryError | None) -> None:
+        """The transport's on_fault: a refused private page becomes one of the run's device faults."""
+        if isinstance(error, PrivatePageError):
+            self.vm.record_device_fault(DeviceFault(self.name, queue.index if queue is not None else None,
+                                                    error.gpa, error.write, self.cause(), line))
 
     # --- interrupts -----------------------------------------------------------------------
     def _interrupt(self, level: bool) -> None:

@@ -24,10 +24,10 @@ from .kvm.vcpu import VcpuFd
 from .memory.backing import Backing, BackingSpec
 from .memory.regions import GuestMemory, MemoryRegion
 from .kvm.fd import close_all
-from .outcome import ExitKind, Outcome
+from .outcome import DeviceFault, ExitKind, Outcome
 from .runloop import JOIN_LIMIT, RunLoop
 from .vcpu import Vcpu
-from .virtio import VirtioMmio
+from .virtio import DMA_POOL_ALIGN, MAX_DEVICE_FAULTS, DmaPool, VirtioMmio
 from .tap import open_tap, random_mac
 from devices.virtio import VirtioBlock, VirtioConsole, VirtioDevice, VirtioRng
 from devices.virtio.net import VirtioNet, parse_mac
@@ -80,7 +80,10 @@ def file_echo(path: str) -> tuple[Callable[[bytes], None], Callable[[], None]]:
 
 class Vm:
     def __init__(self, *, protected: bool = False, arch: Arch | None = None, kvm: Kvm | None = None,
-                 ipa_bits: int | None = None, console: Console | None = None):
+                 ipa_bits: int | None = None, console: Console | None = None, dma_pool: int | None = None):
+        """``dma_pool``: bytes of guest RAM for the restricted DMA pool (arm64), which virtio devices are
+        confined to on a protected VM; default ``default_dma_pool(ram)`` for a protected VM and none (0) for a
+        normal one, where a pool makes a pool-aware guest bounce its DMA just the same."""
         self._own_kvm = kvm is None
         self.kvm = kvm or Kvm()
         self.vcpus: list[VcpuFd] = []  # what the arch code sets up (registers, init)
@@ -98,9 +101,13 @@ class Vm:
         self.virtio: list[VirtioMmio] = []  # virtio-mmio devices, in the order added (the guest's order)
         self.dtb: bytes | None = None
         self.booted = False
+        self.dma_pool: DmaPool | None = None  # placed by the arch at boot
+        self.device_faults: list[DeviceFault] = []  # the first MAX_DEVICE_FAULTS refused device accesses
+        self.device_faults_dropped = 0
         try:
             self.arch = arch or host_arch()
             self.kind = "protected" if protected else "normal"
+            self.dma_pool_size = self._check_dma_pool(protected, dma_pool)
             self.vm_type = self.arch.vm_type(self.kvm, protected, ipa_bits)
             self.kmsg = KmsgWatcher()  # before KVM_CREATE_VM: the report shows what the kernel says from here on
             self.fd = self.kvm.create_vm(self.vm_type)
@@ -118,6 +125,29 @@ class Vm:
     @property
     def protected(self) -> bool:
         return self.kind == "protected"
+
+    def _check_dma_pool(self, protected: bool, size: int | None) -> int | None:
+        """The pool size asked for; None: the default, sized by the arch at boot (``default_dma_pool``)."""
+        if size is None:
+            return None if protected and self.arch.dma_pool_supported else 0
+        if size and not self.arch.dma_pool_supported:
+            raise ConfigError(f"a DMA pool (--dma-pool) is a device-tree restricted-dma-pool: arm64 only, not {self.arch.name}")
+        if size < 0 or size % DMA_POOL_ALIGN:
+            raise ConfigError(f"DMA pool size {size:#x}: must be a multiple of {DMA_POOL_ALIGN >> 10} KiB "
+                              "(the largest arm64 granule), or 0 for none")
+        return size
+
+    def record_device_fault(self, fault: DeviceFault) -> None:
+        """A device's refused access to guest memory (from any device thread)."""
+        if len(self.device_faults) < MAX_DEVICE_FAULTS:
+            self.device_faults.append(fault)
+        else:
+            self.device_faults_dropped += 1
+
+    def device_memory(self) -> dict[str, dict[str, int]]:
+        """Per virtio device: its accesses to guest memory inside shared memory (the DMA pool, pages declared
+        shared), outside it, and refused."""
+        return {d.name: d.memory.counts.as_dict() for d in self.virtio}
 
     # --- building ------------------------------------------------------------
     def add_memory(self, size: int, backing: str | BackingSpec | Backing = "anon", gpa: int | None = None,

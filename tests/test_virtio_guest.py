@@ -192,10 +192,10 @@ def test_arm64_virtio_guest(arm64_kind, disk, ioeventfd, image, status, caplog):
             assert [d.slot.irq for d in vm.virtio] == [16, 17, 18]
             assert all(d.irqfd is not None for d in vm.virtio)  # interrupts are wired by irqfd (the guest polls)
             return
-        # Protected: the rings are guest-private pages the guest never shared (no MEM_SHARE hypercall in
-        # virtio.S yet), so the device may not read them: pyvmm's accessor refuses, the queue fails, the
-        # device sets DEVICE_NEEDS_RESET, and the guest's bounded poll gives up with its own code.
-        # Sharing the rings and buffers from the guest is a later issue.
+        # Protected: the rings are guest-private pages outside the DMA pool (virtio.S knows nothing of pKVM;
+        # virtio-pkvm.S is the guest that shares: tests/test_virtio_pkvm.py), so the device may not read them:
+        # pyvmm's accessor refuses, the queue fails, the device sets DEVICE_NEEDS_RESET, and the guest's
+        # bounded poll gives up with its own code.
         assert text.startswith("virtio: blk rng console ready\n")
         assert CONSOLE_TEXT not in text
         assert outcome.kind is ExitKind.GUEST_EXIT and outcome.status == TIMEOUT_CONSOLE, outcome
@@ -204,7 +204,10 @@ def test_arm64_virtio_guest(arm64_kind, disk, ioeventfd, image, status, caplog):
         assert [d.transport.status & DeviceStatus.DEVICE_NEEDS_RESET for d in vm.virtio] == \
             [DeviceStatus.DEVICE_NEEDS_RESET] * 3
         assert vm.virtio[2].transport.queues[1].used_idx == 0
-        assert "belongs to the protected guest (it has not shared it)" in caplog.text
+        assert "is private to the protected guest, outside the DMA pool" in caplog.text
+        assert [f.device.split("@")[0] for f in outcome.device_faults] == ["virtio-blk", "virtio-rng", "virtio-console"]
+        assert all(0x80200000 <= f.gpa < 0x80203000 and not f.write for f in outcome.device_faults)
+        assert vm.dma_pool.size == 1 << 20  # an eighth of the 8 MiB guest
 
 
 @pytest.mark.timeout(300)

@@ -60,7 +60,7 @@ def test_blk_across_adjacent_memslots_and_into_a_hole(memory, tmp_path, caplog):
     assert image.read_bytes()[4 * 512:8 * 512] == payload
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 2
-    assert re.search(rf"virtio-blk queue 0: chain head \d+, descriptor \d+ GPA {into_hole:#x}: buffer not in guest RAM",
+    assert re.search(rf"virtio-blk queue 0: chain head \d+, descriptor \d+ GPA {into_hole:#x}: buffer not accessible \(guest address",
                      lines[0])
     assert f"GPA {HOLE + 0x800:#x}" in lines[1]
     assert not d.status & DeviceStatus.DEVICE_NEEDS_RESET

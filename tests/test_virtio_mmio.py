@@ -217,7 +217,7 @@ def test_loop_and_out_of_ram_buffer_fail_one_line_each(caplog):
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 2
     assert "loops" in lines[0]
-    assert "descriptor 0 GPA 0x20100" in lines[1] and "not in guest RAM" in lines[1]
+    assert "descriptor 0 GPA 0x20100" in lines[1] and "not accessible (guest address" in lines[1]
     assert t.queues[0].faults == 2
     assert not d.status & DeviceStatus.DEVICE_NEEDS_RESET
 

@@ -29,6 +29,7 @@ class DeviceId(enum.IntEnum):
 VIRTIO_F_INDIRECT_DESC = 28
 VIRTIO_F_EVENT_IDX = 29
 VIRTIO_F_VERSION_1 = 32
+VIRTIO_F_ACCESS_PLATFORM = 33  # the device sees guest memory through the platform (a bounce pool, an IOMMU)
 
 # What the transport offers for every device, on top of the device's own bits.
 TRANSPORT_FEATURES = 1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_F_INDIRECT_DESC | 1 << VIRTIO_F_EVENT_IDX

@@ -5,6 +5,8 @@
 as 0) and logged.  The configuration space at 0x100 takes any width.  ``interrupt(level)`` follows
 InterruptStatus: True when a bit is raised (every time), False when InterruptACK clears the last.
 ``notify(index)`` processes a queue: QueueNotify writes call it, and so does pyvmm's ioeventfd thread.
+``platform_features`` are offered on top of the device's and the transport's own (VIRTIO_F_ACCESS_PLATFORM
+for a protected VM); ``on_fault(queue, line, error)`` hears of every failed request and unusable queue.
 Nothing a driver or a device does raises out of this class: a broken queue or a device that raises
 sets DEVICE_NEEDS_RESET (with a configuration-change interrupt once DRIVER_OK is set).
 """
@@ -18,6 +20,7 @@ from .device import TRANSPORT_FEATURES, VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DE
 from .device import DeviceStatus, VirtioDevice
 from .queue import AVAIL_ALIGN, DESC_ALIGN, USED_ALIGN, VIRTQ_MAX_SIZE, Memory, QueueError, RateLimitedLog
 from .queue import Virtqueue, log
+from pyvmm.kvm.errors import GuestMemoryError
 
 VIRTIO_MMIO_MAGIC_VALUE = 0x000
 VIRTIO_MMIO_VERSION = 0x004
@@ -70,21 +73,27 @@ _QUEUE_ADDR = {
 
 
 class VirtioMmioTransport:
-    def __init__(self, device: VirtioDevice, memory: Memory, interrupt: Callable[[bool], None]):
+    def __init__(self, device: VirtioDevice, memory: Memory, interrupt: Callable[[bool], None],
+                 platform_features: int = 0,
+                 on_fault: Callable[[Virtqueue | None, str, GuestMemoryError | None], None] | None = None):
         self.device = device
         self.memory = memory
         self.interrupt = interrupt
+        self.platform_features = platform_features
+        self.on_fault = on_fault
         self.lock = threading.RLock()
         self.rlog = RateLimitedLog()
         self.queues = [Virtqueue(memory, i, size, device.name, self.rlog)
                        for i, size in enumerate(device.queue_sizes)]
+        for q in self.queues:
+            q.on_fault = on_fault
         self.config_generation = 0
         device.bind(self.notify, self.config_changed)
         self._reset_registers()
 
     @property
     def offered_features(self) -> int:
-        return self.device.device_features() | TRANSPORT_FEATURES
+        return self.device.device_features() | TRANSPORT_FEATURES | self.platform_features
 
     def _reset_registers(self) -> None:
         self.status = DeviceStatus(0)
@@ -288,6 +297,8 @@ class VirtioMmioTransport:
                 signal = q.should_signal()
             except QueueError as err:
                 self.needs_reset(str(err))
+                if self.on_fault is not None:
+                    self.on_fault(q, str(err), err.error)
                 return
             except Exception as err:  # a device bug must not reach the run loop
                 log.exception("%s: queue %d: device raised", self.device.name, index)

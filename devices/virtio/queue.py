@@ -18,7 +18,7 @@ import logging
 import struct
 import time
 from dataclasses import dataclass, field
-from typing import Iterator, Protocol, Sequence
+from typing import Callable, Iterator, Protocol, Sequence
 
 from pyvmm.kvm.errors import GuestMemoryError
 
@@ -47,7 +47,12 @@ class Memory(Protocol):
 
 
 class QueueError(Exception):
-    """The queue itself is unusable until the driver resets the device."""
+    """The queue itself is unusable until the driver resets the device.  ``error``: the accessor's
+    GuestMemoryError behind it, if any."""
+
+    def __init__(self, text: str, error: GuestMemoryError | None = None):
+        super().__init__(text)
+        self.error = error
 
 
 @dataclass(frozen=True)
@@ -56,6 +61,7 @@ class Fault:
     desc: int | None = None  # descriptor index (in the indirect table when ``indirect``)
     gpa: int | None = None
     indirect: bool = False
+    error: GuestMemoryError | None = None  # the accessor's refusal behind it, if any
 
 
 class AccessError(Exception):
@@ -114,7 +120,7 @@ def _pieces(segments: Sequence[Segment], offset: int, length: int) -> Iterator[t
 
 
 def _access_fault(seg: Segment, gpa: int, err: GuestMemoryError) -> AccessError:
-    return AccessError(Fault(f"buffer not in guest RAM ({err})", seg.desc, gpa, seg.indirect))
+    return AccessError(Fault(f"buffer not accessible ({err})", seg.desc, gpa, seg.indirect, err))
 
 
 def gather(memory: Memory, segments: Sequence[Segment], offset: int, length: int) -> bytes:
@@ -182,6 +188,8 @@ class Virtqueue:
         self.device = device
         self.rlog = rlog or RateLimitedLog()
         self.faults = 0  # chains reported as malformed, over the queue's life
+        # Told of every failed chain and unusable queue: (queue, the logged line, the accessor's error or None).
+        self.on_fault: Callable[[Virtqueue, str, GuestMemoryError | None], None] | None = None
         self.reset()
 
     def reset(self) -> None:
@@ -199,13 +207,13 @@ class Virtqueue:
         try:
             return self.memory.read(gpa, length)
         except GuestMemoryError as err:
-            raise QueueError(f"{self}: cannot read the {what} at GPA {gpa:#x}: {err}") from None
+            raise QueueError(f"{self}: cannot read the {what} at GPA {gpa:#x}: {err}", err) from None
 
     def _write(self, gpa: int, data: bytes, what: str) -> None:
         try:
             self.memory.write(gpa, data)
         except GuestMemoryError as err:
-            raise QueueError(f"{self}: cannot write the {what} at GPA {gpa:#x}: {err}") from None
+            raise QueueError(f"{self}: cannot write the {what} at GPA {gpa:#x}: {err}", err) from None
 
     def _u16(self, gpa: int, what: str) -> int:
         return int.from_bytes(self._read(gpa, 2, what), "little")
@@ -244,9 +252,9 @@ class Virtqueue:
         index, seen, total = head, 0, 0
         where = table + DESC_SIZE * index
 
-        def bad(reason: str, gpa: int | None = None) -> Chain:
+        def bad(reason: str, gpa: int | None = None, error: GuestMemoryError | None = None) -> Chain:
             """Fail the chain at the current descriptor (GPA: the buffer's, else the descriptor's)."""
-            chain.fault = Fault(reason, index, where if gpa is None else gpa, indirect)
+            chain.fault = Fault(reason, index, where if gpa is None else gpa, indirect, error)
             return chain
 
         while True:
@@ -258,7 +266,7 @@ class Virtqueue:
                 try:
                     raw = self.memory.read(where, DESC_SIZE)
                 except GuestMemoryError as err:
-                    return bad(f"indirect table not in guest RAM ({err})")
+                    return bad(f"indirect table not accessible ({err})", error=err)
             else:
                 raw = self._read(where, DESC_SIZE, "descriptor table")
             addr, length, flags, nxt = struct.unpack("<QIHH", raw)
@@ -301,7 +309,10 @@ class Virtqueue:
         self.faults += 1
         desc = "?" if fault.desc is None else f"{'indirect ' if fault.indirect else ''}descriptor {fault.desc}"
         gpa = "" if fault.gpa is None else f" GPA {fault.gpa:#x}"
-        self.rlog.warning(f"{self}: chain head {chain.head}, {desc}{gpa}: {fault.reason}; request failed")
+        line = f"{self}: chain head {chain.head}, {desc}{gpa}: {fault.reason}; request failed"
+        self.rlog.warning(line)
+        if self.on_fault is not None:
+            self.on_fault(self, line, fault.error)
 
     # --- returning chains ----------------------------------------------------------
     def push(self, head: int, written: int) -> None:

@@ -31,6 +31,12 @@ class Arch(Protocol):
     max_vcpus_cap: int
     max_vcpus: int  # what pyvmm's guest layout has room for
     max_vcpus_why: str
+    dma_pool_supported: bool  # whether boot() can give the guest a restricted DMA pool
+
+    def device_access_cause(self, vm: "Vm", access_platform: bool | None) -> str:
+        """Why a device met a protected guest's private page (``access_platform``: whether the driver
+        negotiated VIRTIO_F_ACCESS_PLATFORM; None before FEATURES_OK)."""
+        ...
 
     def vm_type(self, kvm: "Kvm", protected: bool, ipa_bits: int | None) -> int: ...
 

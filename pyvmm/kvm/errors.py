@@ -40,3 +40,14 @@ class ConfigError(PyvmmError):
 
 class GuestMemoryError(PyvmmError):
     """The VMM could not read or write guest memory (address outside RAM, page not accessible)."""
+
+
+class PrivatePageError(GuestMemoryError):
+    """A protected guest's page the host may not touch (it was not shared): refused before any access.
+
+    ``gpa`` is the first refused guest-physical address, ``write`` whether the refused access was a write."""
+
+    def __init__(self, text: str, gpa: int, write: bool):
+        super().__init__(text)
+        self.gpa = gpa
+        self.write = write

@@ -7,8 +7,12 @@ memslots, no slot delete/move after the first run, and RLIMIT_MEMLOCK large enou
 memory (every page the guest touches is pinned and charged to it) unless the VMM has CAP_IPC_LOCK.
 After the first run, guest pages belong to the guest: the VMM reads only ranges declared shared
 (``vm.memory.declare_shared``), since a host read of a guest-owned page makes the kernel reclaim it.
+The DMA pool (``vm.dma_pool``, a protected VM's default) is such a range: it lies at the top of RAM,
+just below the device tree, and the device tree names it as a ``restricted-dma-pool`` for every
+virtio device (``fdt.py``).
 
-Firmware entry registers: x0 = DTB address, x1 = RAM base, x2 = RAM size, x3 = 0.
+Firmware entry registers: x0 = DTB address, x1 = RAM base, x2 = RAM size, x3 = DMA pool base,
+x4 = DMA pool size (both 0 without a pool).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from ...loader import EM_AARCH64, is_elf, load_elf, load_flat, read_image
 from ...memory.regions import MemoryRules
 from ...outcome import ExitKind, Outcome
 from .. import RegisterDump
-from ...virtio import VirtioSlot
+from ...virtio import DMA_POOL_ALIGN, DmaPool, VirtioSlot, default_dma_pool
 from . import cpu, fdt, gic, layout, linux, pkvm
 
 from devices.debug_exit import DebugExit
@@ -39,6 +43,10 @@ class Arm64:
     max_vcpus_why = (f"one {layout.GIC_REDIST_SIZE >> 10} KiB GICv3 redistributor per vCPU between "
                      f"{layout.GIC_REDIST:#x} and the UART at {layout.UART:#x}")
     default_image = "hello"
+    dma_pool_supported = True
+
+    def device_access_cause(self, vm, access_platform: bool | None) -> str:
+        return pkvm.device_access_cause(vm.dma_pool, access_platform)
 
     def vm_type(self, kvm, protected: bool, ipa_bits: int | None) -> int:
         limit = kvm.check_extension(uapi.KVM_CAP_ARM_VM_IPA_SIZE) or DEFAULT_IPA_BITS
@@ -147,6 +155,12 @@ class Arm64:
         ram = self._ram_size(vm)
         ram_end = layout.RAM_BASE + ram
         dtb_addr = ram_end - (2 << 20)
+        pool_size = default_dma_pool(ram) if vm.dma_pool_size is None else vm.dma_pool_size
+        pool = DmaPool(dtb_addr - pool_size, pool_size) if pool_size else None
+        below = pool.gpa if pool else dtb_addr  # what the kernel, initrd or firmware must end below
+        if pool and pool.gpa < layout.RAM_BASE + layout.MIN_RAM // 2:
+            raise ConfigError(f"a {pool_size >> 10} KiB DMA pool leaves too little of the guest's "
+                              f"{ram >> 20} MiB of RAM: give it more memory or a smaller --dma-pool")
         data = read_image(image or firmware_path(self.name, self.default_image))
         if mode == "auto":
             mode = "linux" if linux.is_arm64_image(data) else "firmware"
@@ -154,35 +168,43 @@ class Arm64:
         if mode == "linux":
             header = linux.parse_header(data)
             entry = linux.kernel_load_address(layout.RAM_BASE, header)
-            if entry + header.image_size > dtb_addr:
-                raise ConfigError(f"kernel needs {header.image_size >> 20} MiB; give the guest more memory")
+            if entry + header.image_size > below:
+                raise ConfigError(f"kernel needs {header.image_size >> 20} MiB"
+                                  + (f" below the {pool_size >> 10} KiB DMA pool" if pool else "")
+                                  + "; give the guest more memory")
             load_flat(vm.memory, data, entry, "kernel")
             if initrd:
                 blob = read_image(initrd)
                 start = (entry + header.image_size + (2 << 20) - 1) & ~((2 << 20) - 1)
-                if start + len(blob) > dtb_addr:
-                    raise ConfigError("initrd does not fit in guest RAM below the device tree")
+                if start + len(blob) > below:
+                    raise ConfigError("initrd does not fit in guest RAM below the "
+                                      + ("DMA pool" if pool else "device tree") + "; give the guest more memory")
                 load_flat(vm.memory, blob, start, "initrd")
                 initrd_range = (start, start + len(blob))
             args = {0: dtb_addr, 1: 0, 2: 0, 3: 0}
         else:
             if initrd:
                 raise ConfigError("--initrd is only for Linux kernels")
+            avoid = [(pool.gpa, pool.end, "the DMA pool")] if pool else []
             if is_elf(data):
-                img = load_elf(vm.memory, data)
+                img = load_elf(vm.memory, data, avoid=avoid)
                 if img.elf_machine != EM_AARCH64:
                     raise ConfigError(f"{image}: not an arm64 ELF image (e_machine {img.elf_machine})")
             else:
-                img = load_flat(vm.memory, data, layout.RAM_BASE if load_addr is None else load_addr)
+                img = load_flat(vm.memory, data, layout.RAM_BASE if load_addr is None else load_addr, avoid=avoid)
             entry = img.entry
-            args = {0: dtb_addr, 1: layout.RAM_BASE, 2: ram, 3: 0}
+            args = {0: dtb_addr, 1: layout.RAM_BASE, 2: ram, 3: pool.gpa if pool else 0, 4: pool.size if pool else 0}
         virtio = [(d.slot.base, d.slot.size, d.slot.irq) for d in vm.virtio]
         dtb = fdt.build(fdt.DeviceTreeConfig(layout.RAM_BASE, ram, [cpu.mpidr(v.vcpu_id) for v in vm.vcpus],
-                                             cmdline if mode == "linux" else "", initrd_range, virtio))
+                                             cmdline if mode == "linux" else "", initrd_range, virtio,
+                                             (pool.gpa, pool.size, DMA_POOL_ALIGN) if pool else None))
         if len(dtb) > layout.DTB_MAX:
             raise ConfigError("device tree too large")
         vm.memory.write(dtb_addr, dtb)
         vm.dtb = dtb
+        vm.dma_pool = pool
+        if pool and vm.protected:  # the guest shares it at boot (swiotlb's set_memory_decrypted: MEM_SHARE)
+            vm.memory.declare_shared(pool.gpa, pool.size)
         cpu.enter(vm.vcpus[0], entry, args)
 
     def registers(self, vcpu: VcpuFd) -> RegisterDump:

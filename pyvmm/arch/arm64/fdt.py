@@ -9,6 +9,7 @@ import fdt
 from . import layout
 
 GIC_PHANDLE = 1
+DMA_POOL_PHANDLE = 2
 IRQ_TYPE_SPI, IRQ_TYPE_PPI = 0, 1
 IRQ_EDGE_RISING = 1
 IRQ_LEVEL_HIGH = 4
@@ -23,6 +24,7 @@ class DeviceTreeConfig:
     bootargs: str = ""
     initrd: tuple[int, int] | None = None  # (start, end)
     virtio: list[tuple[int, int, int]] = field(default_factory=list)  # (base, size, SPI) per virtio-mmio device
+    dma_pool: tuple[int, int, int] | None = None  # (base, size, alignment): a restricted-dma-pool for every virtio device
 
 
 def _cells64(value: int) -> list[int]:
@@ -78,11 +80,26 @@ def build(cfg: DeviceTreeConfig) -> bytes:
                       fdt.PropWords("clock-frequency", layout.UART_CLOCK),
                       fdt.PropWords("interrupts", IRQ_TYPE_SPI, layout.UART_SPI, IRQ_LEVEL_HIGH)))
 
+    if cfg.dma_pool:
+        # A restricted DMA pool (Documentation/devicetree/bindings/reserved-memory/shared-dma-pool.yaml): inside
+        # /memory and mapped (swiotlb refuses no-map, reusable, linux,cma-default and linux,dma-default ones).
+        # A pKVM guest shares it with MEM_SHARE at boot and bounces every virtio buffer through it.
+        base, size, align = cfg.dma_pool
+        root.append(_node("reserved-memory", fdt.PropWords("#address-cells", 2), fdt.PropWords("#size-cells", 2),
+                          fdt.Property("ranges"),
+                          _node(f"restricted_dma@{base:x}", fdt.PropStrings("compatible", "restricted-dma-pool"),
+                                fdt.PropWords("reg", *_cells64(base), *_cells64(size)),
+                                fdt.PropWords("alignment", *_cells64(align)),
+                                fdt.PropWords("phandle", DMA_POOL_PHANDLE))))
+
     for base, size, spi in cfg.virtio:  # edge-triggered: the irqfd injects an edge per interrupt
-        root.append(_node(f"virtio_mmio@{base:x}", fdt.PropStrings("compatible", "virtio,mmio"),
-                          fdt.PropWords("reg", *_cells64(base), *_cells64(size)),
-                          fdt.PropWords("interrupts", IRQ_TYPE_SPI, spi, IRQ_EDGE_RISING),
-                          fdt.Property("dma-coherent")))
+        node = _node(f"virtio_mmio@{base:x}", fdt.PropStrings("compatible", "virtio,mmio"),
+                     fdt.PropWords("reg", *_cells64(base), *_cells64(size)),
+                     fdt.PropWords("interrupts", IRQ_TYPE_SPI, spi, IRQ_EDGE_RISING),
+                     fdt.Property("dma-coherent"))
+        if cfg.dma_pool:
+            node.append(fdt.PropWords("memory-region", DMA_POOL_PHANDLE))
+        root.append(node)
 
     chosen = _node("chosen", fdt.PropStrings("stdout-path", f"/{uart}"))
     if cfg.bootargs:

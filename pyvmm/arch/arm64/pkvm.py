@@ -37,13 +37,14 @@ from typing import TYPE_CHECKING, Callable
 from ... import hostmem
 from ...hostinfo import MemlockInfo, kvm_arm_mode
 from ...kvm import uapi
-from ...kvm.errors import ConfigError, GuestMemoryError, KvmError, MissingFeature
+from ...kvm.errors import ConfigError, KvmError, MissingFeature, PrivatePageError
 from ...memory.regions import pages
 
 if TYPE_CHECKING:
     from ...kvm.system import Kvm
     from ...memory.regions import GuestMemory, MemoryRules
     from ...report import FaultReport, SlotInfo
+    from ...virtio import DmaPool
     from ...vm import Vm
 
 
@@ -81,13 +82,27 @@ def access_guard(memory: "GuestMemory") -> Callable[[int, int, bool], None]:
             return
         for page in pages(gpa, size):
             if page not in memory.shared_pages:
-                raise GuestMemoryError(
+                raise PrivatePageError(
                     f"guest page {page * hostmem.PAGE_SIZE:#x} belongs to the protected guest (it has not shared "
                     "it): a host access would make pKVM reclaim the page from the guest. Declare it shared "
-                    "(memory.declare_shared) once the guest has shared it, or pass force=True to access it anyway"
-                )
+                    "(memory.declare_shared) once the guest has shared it, or pass force=True to access it anyway",
+                    max(gpa, page * hostmem.PAGE_SIZE), write)
 
     return guard
+
+
+def device_access_cause(pool: "DmaPool | None", access_platform: bool | None) -> str:
+    """Why a virtio device met a protected guest's private page, most specific first."""
+    if pool is None:
+        return ("the VM has no DMA pool (--dma-pool 0), so the guest has no memory shared with devices; give it "
+                "one (a restricted-dma-pool the guest kernel shares at boot)")
+    if access_platform is False:
+        return ("the driver did not negotiate VIRTIO_F_ACCESS_PLATFORM, so the guest's virtio ring bypasses the DMA "
+                "API and hands the device private buffers instead of bouncing them through the pool")
+    return ("the guest kernel does not bounce device memory through the restricted-dma-pool: it lacks "
+            "CONFIG_ARM_PKVM_GUEST / CONFIG_DMA_RESTRICTED_POOL (Debian's kernels have neither), or a bare-metal "
+            "guest placed its rings and buffers outside the pool"
+            + ("" if access_platform else " (and the driver has not negotiated VIRTIO_F_ACCESS_PLATFORM yet)"))
 
 
 # --- before KVM_RUN ---------------------------------------------------------------------
@@ -220,5 +235,5 @@ def protected_vm_support(kvm: "Kvm", arch: str) -> ProtectedVmSupport:
     return ProtectedVmSupport(True, "upstream", "KVM_CREATE_VM accepts KVM_VM_TYPE_ARM_PROTECTED (upstream ABI)")
 
 
-__all__ = ["ProtectedVmSupport", "protected_vm_support", "vm_type_bits", "restrict_memory_rules", "access_guard", "check_memlock", "infer_faulting_slot",
+__all__ = ["ProtectedVmSupport", "protected_vm_support", "vm_type_bits", "restrict_memory_rules", "access_guard", "device_access_cause", "check_memlock", "infer_faulting_slot",
            "fault_causes", "NISV_REFUSED"]

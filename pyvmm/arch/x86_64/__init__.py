@@ -39,6 +39,11 @@ class X86_64:
                      f"and {layout.STACK_TOP:#x}")
     default_image = "hello"
 
+    dma_pool_supported = False  # no device tree to describe one
+
+    def device_access_cause(self, vm, access_platform: bool | None) -> str:
+        return "x86_64 VMs have no private memory"  # not reached: only protected (arm64) VMs refuse accesses
+
     def vm_type(self, kvm, protected: bool, ipa_bits: int | None) -> int:
         if protected:
             raise ConfigError("protected VMs (--protected) are arm64 pKVM VMs; this host is x86_64")
