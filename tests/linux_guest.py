@@ -88,18 +88,18 @@ def initrd_with_script(directory: str, script: str) -> str:
 
 # --- running the guest ------------------------------------------------------------------------------
 def boot(directory: str, script: str | None, setup=None, vcpus: int = 1, timeout: float = 300,
-         protected: bool = False, memory: int = 256 << 20):
+         protected: bool = False, memory: int = 256 << 20, image: str = IMAGE, dma_pool: int | None = None):
     """Boot the virtio guest with ``script`` (None: the init only loads the modules and reports).
     ``setup(vm)`` adds the devices.  Returns (outcome, console text)."""
     from pyvmm.vm import Vm
 
     initrd = VIRTIO_INITRD if script is None else initrd_with_script(directory, script)
-    with Vm(protected=protected) as vm:
+    with Vm(protected=protected, dma_pool=dma_pool) as vm:
         vm.add_memory(memory)
         vm.create_vcpus(vcpus)
         if setup is not None:
             setup(vm)
-        vm.boot(IMAGE, initrd=initrd, cmdline=CMDLINE)
+        vm.boot(image, initrd=initrd, cmdline=CMDLINE)
         outcome = vm.run(timeout=timeout)
         console = vm.console.text()
     return outcome, console

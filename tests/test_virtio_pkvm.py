@@ -172,6 +172,8 @@ def test_firmware_shares_its_queues_and_does_io(tmp_path):
     require_pkvm()
     outcome, console, disk, vm = _run_firmware(tmp_path, "virtio-pkvm")
     assert outcome.kind is ExitKind.GUEST_EXIT and outcome.status == 0, (outcome.detail, console)
+    assert "virtio-pkvm: shared 3 pages (granule 0x00001000)" in console, console
+    assert console.count("features hi=0x00000003") == 2  # VERSION_1 and ACCESS_PLATFORM, offered by both
     assert "hello from a protected guest\n" in console
     assert f"virtio-pkvm: blk status 00 sector0 {disk[:16].hex()}" in console, console
     assert outcome.device_faults == []
@@ -186,6 +188,8 @@ def test_firmware_without_the_share_gets_the_clear_error(tmp_path):
     require_pkvm()
     outcome, console, disk, vm = _run_firmware(tmp_path, "virtio-pkvm-noshare")
     assert "virtio-pkvm: private pages intact" in console, console
+    assert "virtio-pkvm: blk needs reset" in console and "virtio-pkvm: console needs reset" in console
+    assert outcome.kind is ExitKind.GUEST_EXIT and outcome.status == 0xA0, (outcome.detail, console)  # refused, intact
     assert outcome.device_faults, (outcome.detail, console)
     for fault in outcome.device_faults:
         assert fault.queue is not None and not vm.dma_pool.gpa <= fault.gpa < vm.dma_pool.end
