@@ -246,32 +246,21 @@ out "hwrng bytes $(dd if=/dev/hwrng bs=4096 count=16 iflag=fullblock 2>/dev/null
 # The host side of the network test: a network namespace of its own (os.unshare), the TAP pyvmm makes there
 # with 10.0.2.1/24, a TCP listener that hashes what the guest sends.  Prints facts as "host: KEY VALUE".
 NET_HOST = r"""
-import hashlib, os, socket, sys, threading
+import os, socket, sys, threading
 os.unshare(os.CLONE_NEWNET)  # this process only: the lab host's own network is never touched
 sys.path.insert(0, os.getcwd())
 from pyroute2 import IPRoute
 from tests.linux_guest import boot
+from tests.virtio_everything import listen
 directory, script, expected = sys.argv[1], open(sys.argv[2]).read(), int(sys.argv[3])
 result = {}
-
-def listen(sock):
-    conn, peer = sock.accept()
-    h, n = hashlib.sha256(), 0
-    while n < expected:
-        chunk = conn.recv(1 << 16)
-        if not chunk:
-            break
-        h.update(chunk)
-        n += len(chunk)
-    conn.close()
-    result.update(peer=peer[0], received=n, sha256=h.hexdigest())
 
 def setup(vm):
     dev = vm.add_virtio_net(tap="pyvmmnet0", mac="52:54:00:12:34:56")
     with IPRoute() as ipr:
         ipr.addr("add", index=ipr.link_lookup(ifname=dev.device.ifname)[0], address="10.0.2.1", prefixlen=24)
     sock = socket.create_server(("10.0.2.1", 5000))
-    threading.Thread(target=listen, args=(sock,), daemon=True).start()
+    threading.Thread(target=listen, args=(sock, expected, result), daemon=True).start()
     vm.add_virtio_blk(os.path.join(directory, "payload.img"), readonly=True)
     vm.add_virtio_rng()
     vm.add_virtio_console()
