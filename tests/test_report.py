@@ -314,11 +314,22 @@ def test_a_vcpu_still_in_kvm_run_is_filled_in_after_the_stop(x86_firmware, monke
 
     monkeypatch.setattr(report_mod, "OTHER_VCPU_WAIT", 0.0)  # no time for the other vCPU: it is "still running"
     seen = {}
-    real_fill = report_mod.add_missing_vcpus
+    real_fill, real_info = report_mod.add_missing_vcpus, report_mod._vcpu_info
+    # The other vCPU may be between two KVM_RUNs when the report is made (its read would then finish at
+    # once): hold its read until the run loop fills the report in, as a vCPU still in KVM_RUN would.
+    release = threading.Event()
+
+    def held_info(vm, vcpu, faulting, *args):
+        if not faulting:
+            release.wait(30)
+        return real_info(vm, vcpu, faulting, *args)
 
     def fill(report, vm):
         seen["before"] = [v.unavailable for v in report.vcpus]
+        release.set()
         real_fill(report, vm)
+
+    monkeypatch.setattr(report_mod, "_vcpu_info", held_info)
 
     monkeypatch.setattr("pyvmm.runloop.add_missing_vcpus", fill)
     with Vm() as vm:
