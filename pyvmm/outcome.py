@@ -49,6 +49,7 @@ class Outcome:
     report: "FaultReport | None" = None
     exits: dict[str, int] = field(default_factory=dict)
     device_faults: list[DeviceFault] = field(default_factory=list)  # the first ones of the VM's life
+    device_faults_dropped: int = 0  # refusals after the first MAX_DEVICE_FAULTS (counted, not kept)
     device_memory: dict[str, dict[str, int]] = field(default_factory=dict)  # per device: accesses in/out of shared memory
 
     @property

@@ -102,6 +102,7 @@ class RunLoop:
                                "(its thread is abandoned)")
         outcome.exits = self.exit_counts()
         outcome.device_faults = list(self.vm.device_faults)
+        outcome.device_faults_dropped = self.vm.device_faults_dropped
         outcome.device_memory = self.vm.device_memory()
         if outcome.report is not None:
             add_missing_vcpus(outcome.report, self.vm)  # vCPUs that were still in KVM_RUN when it was made

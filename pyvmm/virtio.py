@@ -98,17 +98,21 @@ class DeviceMemory:
         self._attached = attached
         self._memory = attached.vm.memory
         self.counts = AccessCounts()
+        self._lock = threading.Lock()  # vCPU threads (MMIO notify), ioeventfd and rx threads all count
 
     def _count(self, gpa: int, length: int) -> None:
         pool = self._attached.vm.dma_pool
         shared = self._memory.shared_pages
-        if (pool is not None and pool.contains(gpa, length)) or (shared and all(p in shared for p in pages(gpa, length))):
-            self.counts.shared += 1
-        else:
-            self.counts.outside += 1
+        inside = (pool is not None and pool.contains(gpa, length)) or bool(shared and all(p in shared for p in pages(gpa, length)))
+        with self._lock:
+            if inside:
+                self.counts.shared += 1
+            else:
+                self.counts.outside += 1
 
     def _refused(self, err: PrivatePageError) -> PrivatePageError:
-        self.counts.refused += 1
+        with self._lock:
+            self.counts.refused += 1
         page = err.gpa - err.gpa % hostmem.PAGE_SIZE
         pool = self._attached.vm.dma_pool
         where = f"outside the DMA pool {pool}" if pool is not None else "and the VM has no DMA pool"

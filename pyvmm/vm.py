@@ -104,6 +104,7 @@ class Vm:
         self.dma_pool: DmaPool | None = None  # placed by the arch at boot
         self.device_faults: list[DeviceFault] = []  # the first MAX_DEVICE_FAULTS refused device accesses
         self.device_faults_dropped = 0
+        self._device_faults_lock = threading.Lock()
         try:
             self.arch = arch or host_arch()
             self.kind = "protected" if protected else "normal"
@@ -130,19 +131,23 @@ class Vm:
         """The pool size asked for; None: the default, sized by the arch at boot (``default_dma_pool``)."""
         if size is None:
             return None if protected and self.arch.dma_pool_supported else 0
+        if size < 0:
+            raise ConfigError(f"DMA pool size {size}: must not be negative (0 for none)")
         if size and not self.arch.dma_pool_supported:
             raise ConfigError(f"a DMA pool (--dma-pool) is a device-tree restricted-dma-pool: arm64 only, not {self.arch.name}")
-        if size < 0 or size % DMA_POOL_ALIGN:
+        if size % DMA_POOL_ALIGN:
             raise ConfigError(f"DMA pool size {size:#x}: must be a multiple of {DMA_POOL_ALIGN >> 10} KiB "
                               "(the largest arm64 granule), or 0 for none")
         return size
 
     def record_device_fault(self, fault: DeviceFault) -> None:
-        """A device's refused access to guest memory (from any device thread)."""
-        if len(self.device_faults) < MAX_DEVICE_FAULTS:
-            self.device_faults.append(fault)
-        else:
-            self.device_faults_dropped += 1
+        """A device's refused access to guest memory (from any device or vCPU thread): the first
+        MAX_DEVICE_FAULTS are kept, later ones counted in ``device_faults_dropped``."""
+        with self._device_faults_lock:
+            if len(self.device_faults) < MAX_DEVICE_FAULTS:
+                self.device_faults.append(fault)
+            else:
+                self.device_faults_dropped += 1
 
     def device_memory(self) -> dict[str, dict[str, int]]:
         """Per virtio device: its accesses to guest memory inside shared memory (the DMA pool, pages declared

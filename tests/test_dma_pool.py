@@ -14,6 +14,7 @@ import platform
 import shutil
 import struct
 import subprocess
+import threading
 
 import pytest
 
@@ -46,7 +47,7 @@ def test_device_tree_names_the_pool_for_every_virtio_device(tmp_path):
     pool = dts[dts.index("reserved-memory {"):]
     pool = pool[:pool.index("};\n\t};")]
     assert "#address-cells = <0x02>;" in pool and "#size-cells = <0x02>;" in pool and "ranges;" in pool
-    assert f"restricted_dma@{base:x}" in pool and 'compatible = "restricted-dma-pool";' in pool
+    assert f"restricted-dma-pool@{base:x}" in pool and 'compatible = "restricted-dma-pool";' in pool
     assert f"reg = <0x00 {base:#x} 0x00 0x800000>;" in pool and "alignment = <0x00 0x10000>;" in pool
     assert f"phandle = <{fdt.DMA_POOL_PHANDLE:#04x}>;" in pool
     for refused in ("no-map", "reusable", "linux,cma-default", "linux,dma-default"):  # swiotlb refuses these
@@ -101,9 +102,55 @@ def test_pool_size_rules_on_arm64_layout():
     assert default_dma_pool(256 * MIB) == 8 * MIB and default_dma_pool(8 * MIB) == MIB
     assert default_dma_pool(12 * MIB) == 1536 << 10  # an eighth, in 64 KiB steps
     assert vm._check_dma_pool(False, 64 << 10) == 64 << 10
-    for bad in (4096, (1 << 20) + 4096, -65536):
+    for bad in (4096, (1 << 20) + 4096):
         with pytest.raises(ConfigError, match="multiple of 64 KiB"):
             vm._check_dma_pool(True, bad)
+    with pytest.raises(ConfigError, match="must not be negative"):
+        vm._check_dma_pool(True, -65536)
+
+
+def test_pool_placement():
+    """Just below the device tree (top 2 MiB), 64 KiB-aligned; a default pool a small guest cannot hold is
+    left out, an asked-for one is refused naming --dma-pool."""
+    from pyvmm.arch.arm64 import place_dma_pool
+
+    base = layout.RAM_BASE
+    assert place_dma_pool(8 * MIB, None) == DmaPool(base + 5 * MIB, MIB)  # an eighth of 8 MiB
+    assert place_dma_pool(256 * MIB, None) == DmaPool(base + 246 * MIB, 8 * MIB)
+    assert place_dma_pool(256 * MIB, 0) is None
+    odd = place_dma_pool(16 * MIB + 4096, None)  # RAM need only be page-sized: the base is aligned down
+    assert odd.gpa % (64 << 10) == 0 and odd.end <= base + 16 * MIB + 4096 - 2 * MIB and odd.size == 2 * MIB
+    assert place_dma_pool(layout.MIN_RAM, None) is None  # 4 MiB: the default pool does not fit, none
+    with pytest.raises(ConfigError, match=r"--dma-pool\) leaves too little of the guest's 4096 KiB"):
+        place_dma_pool(layout.MIN_RAM, 512 << 10)
+
+
+@pytest.mark.parametrize("value", ["0", "0M", "0x0", "0k"])
+def test_cli_pool_zero_means_none(value):
+    from pyvmm.cli import _pool_size
+
+    assert _pool_size(value) == 0
+
+
+def test_refusals_past_the_cap_are_counted(capsys):
+    from pyvmm.cli import print_device_faults
+    from pyvmm.outcome import DeviceFault, ExitKind, Outcome
+    from pyvmm.virtio import MAX_DEVICE_FAULTS
+    from pyvmm.vm import Vm
+
+    vm = Vm.__new__(Vm)  # only the bookkeeping: no KVM needed
+    vm.device_faults, vm.device_faults_dropped = [], 0
+    vm._device_faults_lock = threading.Lock()
+    fault = DeviceFault("virtio-rng@0xb000000", 0, 0x80200000, False, "cause", "the line")
+    for _ in range(MAX_DEVICE_FAULTS + 5):
+        vm.record_device_fault(fault)
+    assert len(vm.device_faults) == MAX_DEVICE_FAULTS and vm.device_faults_dropped == 5
+    outcome = Outcome(ExitKind.GUEST_EXIT, device_faults=vm.device_faults, device_faults_dropped=5)
+    print_device_faults(outcome)
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith(f"pyvmm: {MAX_DEVICE_FAULTS + 5} device request(s) refused")
+    assert err[1:9] == ["pyvmm:   the line"] * 8
+    assert err[9] == f"pyvmm:   ... and {MAX_DEVICE_FAULTS + 5 - 8} more (--report-json lists the first {MAX_DEVICE_FAULTS})"
 
 
 @pytest.mark.parametrize("value, message", [("12k", "multiple of 64 KiB"), ("lots", "bad size")])

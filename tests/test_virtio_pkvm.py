@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import os
 import subprocess
 import sys
@@ -143,7 +144,11 @@ def test_debian_kernel_as_protected_guest_gets_a_clear_refusal(tmp_path):
     first = faults[0]
     assert first["device"] == "virtio-blk@0xb000000" and first["queue"] == 0, first
     assert "CONFIG_ARM_PKVM_GUEST" in first["cause"] and "CONFIG_DMA_RESTRICTED_POOL" in first["cause"]
-    assert f"GPA {first['gpa']:#x}"[:9] in first["line"] and "virtio-blk queue 0" in first["line"]
+    page = first["gpa"] & ~0xFFF
+    assert f"guest page {page:#x} is private to the protected guest" in first["line"], first["line"]
+    assert "virtio-blk queue 0" in first["line"]
+    pool = re.search(r"outside the DMA pool \[(0x[0-9a-f]+), (0x[0-9a-f]+)\)", first["line"])
+    assert pool and not int(pool[1], 16) <= first["gpa"] < int(pool[2], 16), first["line"]
     assert "device request(s) refused" in res.stderr and first["line"] in res.stderr
     memory = data["outcome"]["device_memory"]["virtio-blk@0xb000000"]
     assert memory["outside"] == 0 and memory["refused"] >= 1, memory

@@ -35,6 +35,24 @@ from devices.uart16550 import Uart16550
 DEFAULT_IPA_BITS = 40
 
 
+def place_dma_pool(ram: int, requested: int | None) -> DmaPool | None:
+    """Where the DMA pool goes in a guest of RAM bytes: just below the device tree (the top 2 MiB), its base
+    aligned down to DMA_POOL_ALIGN (swiotlb's set_memory_decrypted shares nothing from a base that is not
+    granule-aligned).  REQUESTED: the size asked for (0: none), or None for the default (default_dma_pool),
+    which is left out when the guest is too small to hold it.  Pure: tests/test_dma_pool.py."""
+    size = default_dma_pool(ram) if requested is None else requested
+    if not size:
+        return None
+    dtb_addr = layout.RAM_BASE + ram - (2 << 20)
+    gpa = (dtb_addr - size) // DMA_POOL_ALIGN * DMA_POOL_ALIGN
+    if gpa < layout.RAM_BASE + layout.MIN_RAM // 2:  # the lowest 2 MiB are the image's
+        if requested is None:
+            return None
+        raise ConfigError(f"a {size >> 10} KiB DMA pool (--dma-pool) leaves too little of the guest's "
+                          f"{ram >> 10} KiB of RAM: give it more memory or a smaller --dma-pool")
+    return DmaPool(gpa, size)
+
+
 class Arm64:
     name = "arm64"
     ram_base = layout.RAM_BASE
@@ -155,12 +173,9 @@ class Arm64:
         ram = self._ram_size(vm)
         ram_end = layout.RAM_BASE + ram
         dtb_addr = ram_end - (2 << 20)
-        pool_size = default_dma_pool(ram) if vm.dma_pool_size is None else vm.dma_pool_size
-        pool = DmaPool(dtb_addr - pool_size, pool_size) if pool_size else None
+        pool = place_dma_pool(ram, vm.dma_pool_size)
+        pool_size = pool.size if pool else 0
         below = pool.gpa if pool else dtb_addr  # what the kernel, initrd or firmware must end below
-        if pool and pool.gpa < layout.RAM_BASE + layout.MIN_RAM // 2:
-            raise ConfigError(f"a {pool_size >> 10} KiB DMA pool leaves too little of the guest's "
-                              f"{ram >> 20} MiB of RAM: give it more memory or a smaller --dma-pool")
         data = read_image(image or firmware_path(self.name, self.default_image))
         if mode == "auto":
             mode = "linux" if linux.is_arm64_image(data) else "firmware"

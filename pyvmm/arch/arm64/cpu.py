@@ -72,7 +72,7 @@ def init_vcpus(vm_fd: VmFd, vcpus: list[VcpuFd], extra_features: tuple[int, ...]
 
 
 def enter(vcpu: VcpuFd, pc: int, args: dict[int, int]) -> None:
-    """Start at ``pc`` in EL1h with interrupts masked; ``args`` sets x0..x3."""
+    """Start at ``pc`` in EL1h with interrupts masked; ``args`` maps register numbers to values (x0 = DTB, ...; firmware gets x0..x4)."""
     vcpu.set_one_reg(PSTATE, BOOT_PSTATE)
     for reg, value in args.items():
         vcpu.set_one_reg(X[reg], value)

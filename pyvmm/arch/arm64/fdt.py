@@ -87,8 +87,10 @@ def build(cfg: DeviceTreeConfig) -> bytes:
         base, size, align = cfg.dma_pool
         root.append(_node("reserved-memory", fdt.PropWords("#address-cells", 2), fdt.PropWords("#size-cells", 2),
                           fdt.Property("ranges"),
-                          _node(f"restricted_dma@{base:x}", fdt.PropStrings("compatible", "restricted-dma-pool"),
+                          _node(f"restricted-dma-pool@{base:x}", fdt.PropStrings("compatible", "restricted-dma-pool"),
                                 fdt.PropWords("reg", *_cells64(base), *_cells64(size)),
+                                # informational for a static reg (of_reserved_mem uses it to place dynamic
+                                # ones); place_dma_pool aligns the base itself
                                 fdt.PropWords("alignment", *_cells64(align)),
                                 fdt.PropWords("phandle", DMA_POOL_PHANDLE))))
 
