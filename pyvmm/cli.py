@@ -71,7 +71,7 @@ def _positive_int(text: str) -> int:
 
 
 def _pool_size(text: str) -> int:
-    if text.strip() == "0":
+    if re.fullmatch(r"\s*(0x)?0+[kKmMgG]?\s*", text):  # 0, 0M, 0x0: no pool
         return 0
     try:
         size = parse_size(text)
@@ -111,8 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("image", nargs="?", help="firmware (ELF or flat binary) or Linux kernel image")
     run.add_argument("-m", "--memory", default="16M", help="guest RAM size (default 16M)")
     run.add_argument("-b", "--backing", default="anon",
-                     help="what backs guest RAM: anon, memfd, memfd-hugetlb, guest-memfd, udmabuf, "
-                          "dma-heap:NAME, file:PATH (default anon)")
+                     help="what backs guest RAM: anon, memfd, memfd-hugetlb, guest-memfd, udmabuf (the slot maps "
+                          "the DMA-buf), udmabuf:memfd (the slot maps the memfd behind it), dma-heap:NAME, "
+                          "file:PATH (default anon)")
     run.add_argument("--region", action="append", default=[], metavar="GPA,SIZE[,BACKING]",
                      help="an extra memslot (repeatable), e.g. 0x40000000,2M,udmabuf")
     run.add_argument("-c", "--vcpus", type=_positive_int, default=1, help="number of vCPUs (default 1)")
@@ -206,6 +207,7 @@ def _outcome_dict(outcome: Outcome) -> dict:
     return {"kind": outcome.kind.value, "vcpu": outcome.vcpu, "status": outcome.status,
             "detail": outcome.detail, "exits": outcome.exits,
             "device_faults": [dataclasses.asdict(f) for f in outcome.device_faults],
+            "device_faults_dropped": outcome.device_faults_dropped,
             "device_memory": outcome.device_memory}
 
 
@@ -217,12 +219,14 @@ def print_device_faults(outcome: Outcome) -> None:
     faults = outcome.device_faults
     if not faults:
         return
-    print(f"pyvmm: {len(faults)} device request(s) refused: they named memory the protected guest had not shared",
+    total = len(faults) + outcome.device_faults_dropped
+    print(f"pyvmm: {total} device request(s) refused: they named memory the protected guest had not shared",
           file=sys.stderr)
     for fault in faults[:SHOWN_DEVICE_FAULTS]:
         print(f"pyvmm:   {fault.line}", file=sys.stderr)
-    if len(faults) > SHOWN_DEVICE_FAULTS:
-        print(f"pyvmm:   ... and {len(faults) - SHOWN_DEVICE_FAULTS} more (--report-json lists them)", file=sys.stderr)
+    if total > SHOWN_DEVICE_FAULTS:
+        kept = f"--report-json lists the first {len(faults)}" if outcome.device_faults_dropped else "--report-json lists them"
+        print(f"pyvmm:   ... and {total - SHOWN_DEVICE_FAULTS} more ({kept})", file=sys.stderr)
 
 
 class Signalled(BaseException):
