@@ -33,3 +33,18 @@ def require_pkvm() -> None:
 
 def guest(name: str) -> str:
     return os.path.join(FIRMWARE, name)
+
+
+def memtouch(protected: bool, backing: str, size: int = 8 << 20):
+    """Boot the memtouch guest on SIZE bytes of BACKING; returns (vm, outcome), the VM still open (close it)."""
+    from pyvmm.vm import Vm
+
+    vm = Vm(protected=protected)
+    try:
+        vm.add_memory(size, backing)
+        vm.create_vcpus(1)
+        vm.boot(guest("memtouch"))
+        return vm, vm.run(timeout=120)
+    except BaseException:
+        vm.close()
+        raise

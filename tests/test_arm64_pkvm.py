@@ -11,11 +11,12 @@ import sys
 
 import pytest
 
+from pyvmm import hostinfo
 from pyvmm.kvm import uapi
 from pyvmm.kvm.errors import ConfigError, GuestMemoryError, KvmError, MissingFeature
 from pyvmm.outcome import ExitKind
 from pyvmm.vm import Vm
-from tests.arm64 import ROOT, guest, require_arm64_kvm, require_pkvm
+from tests.arm64 import ROOT, guest, memtouch, require_arm64_kvm, require_pkvm
 
 RAM_BASE = 0x8000_0000
 
@@ -24,18 +25,6 @@ RAM_BASE = 0x8000_0000
 def pkvm():
     require_arm64_kvm()
     require_pkvm()
-
-
-def memtouch(protected: bool, backing: str):
-    vm = Vm(protected=protected)
-    try:
-        vm.add_memory(8 << 20, backing)
-        vm.create_vcpus(1)
-        vm.boot(guest("memtouch"))
-        return vm, vm.run(timeout=120)
-    except BaseException:
-        vm.close()
-        raise
 
 
 @pytest.mark.parametrize("backing", ["anon", "memfd", "guest-memfd", "udmabuf"])
@@ -83,6 +72,45 @@ def test_udmabuf_on_protected_vm_is_refused_and_explained(pkvm):
         assert r.exit_reason is None and r.memory_fault is None  # stale after a failed KVM_RUN: not shown
         assert r.host["kvm_arm_mode"] == "protected" and r.host["cpu"].get("implementer") is not None
         assert r.host["caps"]["KVM_CAP_ARM_NISV_TO_USER"] == 0  # hidden from protected VMs
+
+
+def require_udmabuf() -> None:
+    if not os.path.exists("/dev/udmabuf"):
+        pytest.skip("no /dev/udmabuf (CONFIG_UDMABUF)")
+
+
+PATTERN_GPA = RAM_BASE + (2 << 20)  # memtouch writes gpa ^ this constant at every 2 MiB step
+PATTERN = PATTERN_GPA ^ 0x5A17C0DE9E3779B9
+
+
+@pytest.mark.timeout(300)
+def test_udmabuf_memfd_mapping_shares_pages_with_the_dmabuf():
+    """The thread's fix on a normal VM: the slot maps the memfd, and what the guest wrote is in the DMA-buf."""
+    require_arm64_kvm()
+    require_udmabuf()
+    vm, outcome = memtouch(False, "udmabuf:memfd")
+    with vm:
+        assert outcome.kind is ExitKind.GUEST_EXIT and outcome.status == 0, vm.console.text()
+        backing = vm.memory.regions[0].backing
+        assert backing.describe() == "udmabuf:memfd" and backing.dmabuf >= 0
+        with backing.dmabuf_mmap() as view:
+            assert int.from_bytes(view.read(PATTERN_GPA - RAM_BASE, 8), "little") == PATTERN
+            view.write(PATTERN_GPA - RAM_BASE, b"DMA-buf!")  # and back: the host's write through the DMA-buf
+        assert vm.memory.read(PATTERN_GPA, 8) == b"DMA-buf!"
+
+
+@pytest.mark.timeout(300)
+def test_udmabuf_memfd_mapping_runs_protected(pkvm):
+    """The same udmabuf, its memfd in the slot: shmem pages pkvm_mem_abort can pin, so the protected VM runs."""
+    require_udmabuf()
+    vm, outcome = memtouch(True, "udmabuf:memfd")
+    with vm:
+        assert outcome.kind is ExitKind.GUEST_EXIT and outcome.status == 0, vm.console.text()
+        assert "errors=0x0000000000000000" in vm.console.text()
+        region = vm.memory.regions[0]
+        assert region.backing.describe() == "udmabuf:memfd" and not region.backing.nature()["pfn_mapped"]
+        (vma,) = hostinfo.vmas_covering(hostinfo.read_smaps(), region.hva, region.size)
+        assert "pf" not in vma.vmflags and "io" not in vma.vmflags and vma.path.startswith("/memfd:pyvmm-udmabuf")
 
 
 @pytest.mark.timeout(300)

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from pyvmm.kvm.errors import MissingFeature
+from pyvmm.kvm.errors import ConfigError, MissingFeature
 from pyvmm.memory.backing import BackingKind
 from pyvmm.outcome import ExitKind
 
@@ -87,3 +87,27 @@ def test_missing_backings_name_what_is_missing(kvm_device):
         if not os.path.isdir("/dev/dma_heap"):
             with pytest.raises(MissingFeature, match=r"/dev/dma_heap.*CONFIG_DMABUF_HEAPS"):
                 BackingSpec.parse("dma-heap:system").create(2 << 20, vm)
+
+
+def test_udmabuf_spellings():
+    """``udmabuf`` and ``udmabuf:dmabuf`` map the DMA-buf; ``udmabuf:memfd`` maps the memfd behind it."""
+    from pyvmm.memory.backing import BackingKind, BackingSpec
+
+    assert BackingSpec.parse("udmabuf") == BackingSpec.parse("udmabuf:dmabuf") == BackingSpec(BackingKind.UDMABUF)
+    assert str(BackingSpec.parse("udmabuf:memfd")) == "udmabuf:memfd"
+    for bad in ("udmabuf:", "udmabuf:shmem", "udmabuf:memfd:x"):
+        with pytest.raises(ConfigError, match="udmabuf:dmabuf, the default, or udmabuf:memfd"):
+            BackingSpec.parse(bad)
+    with pytest.raises(ConfigError, match=r"udmabuf\[:memfd\]"):
+        BackingSpec.parse("udma")
+
+
+def test_udmabuf_memfd_mapping_without_the_device_says_what_is_missing(kvm_device):
+    from pyvmm.kvm import Kvm
+    from pyvmm.memory.backing import BackingSpec
+
+    if os.path.exists("/dev/udmabuf"):
+        pytest.skip("this kernel has /dev/udmabuf (the lab tests the mapping: tests/test_arm64_pkvm.py)")
+    with Kvm() as kvm, kvm.create_vm(0) as vm:
+        with pytest.raises(MissingFeature, match=r"/dev/udmabuf.*CONFIG_UDMABUF"):
+            BackingSpec.parse("udmabuf:memfd").create(2 << 20, vm)

@@ -53,7 +53,7 @@ def test_backings_state_their_nature(tmp_path):
         assert b.nature()["filesystem"] == fs
     from pyvmm.memory.backing import DmaHeapBacking, GuestMemfdBacking, UdmabufBacking
 
-    assert UdmabufBacking.pfn_mapped and DmaHeapBacking.pfn_mapped
+    assert UdmabufBacking.pfn_mapped and DmaHeapBacking.pfn_mapped  # udmabuf:memfd is not: tests/test_arm64_pkvm.py
     assert GuestMemfdBacking.swap_backed is False
 
 

@@ -32,7 +32,7 @@ ARCHES = {
     "x86_64": (uapi_x86, "x86_64-linux-gnu", ["x86_64-linux-gnu-gcc"], ["asm/processor-flags.h"]),
     "arm64": (uapi_arm64, "aarch64-linux-gnu", ["aarch64-linux-gnu-gcc"], []),
 }
-HEADERS = ["linux/kvm.h", "linux/udmabuf.h", "linux/dma-heap.h"]
+HEADERS = ["linux/kvm.h", "linux/udmabuf.h", "linux/dma-heap.h", "linux/dma-buf.h"]
 
 # Constants the mirrors define that are not uapi macros, and why.
 NOT_IN_UAPI = {
@@ -110,7 +110,8 @@ def checks_for(arch: str) -> list[tuple[str, str, int, str]]:
             if size:  # size 0: a flexible array member, which has no sizeof in C
                 out.append((f"sizeof(struct {tag}.{path})", f"sizeof(((struct {tag} *)0)->{path})", size, "layout"))
     ioctls = {**uapi.ioctls_for(arch_mod), "UDMABUF_CREATE": uapi_dmabuf.UDMABUF_CREATE,
-              "DMA_HEAP_IOCTL_ALLOC": uapi_dmabuf.DMA_HEAP_IOCTL_ALLOC}
+              "DMA_HEAP_IOCTL_ALLOC": uapi_dmabuf.DMA_HEAP_IOCTL_ALLOC,
+              "DMA_BUF_IOCTL_SYNC": uapi_dmabuf.DMA_BUF_IOCTL_SYNC}
     for name, value in ioctls.items():
         out.append((name, name, value, "ioctl"))
     every_arch_ioctl = {name for mod, *_ in ARCHES.values() for name in uapi.ioctls_for(mod)}
@@ -212,7 +213,7 @@ def test_walk_covers_every_struct_and_skips_mirror_padding():
         for tag in ("kvm_userspace_memory_region2", "kvm_create_guest_memfd", "kvm_memory_attributes",
                     "kvm_guest_debug", "kvm_one_reg", "kvm_enable_cap", "kvm_device_attr",
                     "kvm_irqfd", "kvm_ioeventfd", "kvm_signal_mask", "kvm_translation", "kvm_regs",
-                    "kvm_vcpu_events", "kvm_sync_regs", "udmabuf_create", "dma_heap_allocation_data"):
+                    "kvm_vcpu_events", "kvm_sync_regs", "udmabuf_create", "dma_heap_allocation_data", "dma_buf_sync"):
             assert tag in structs, (arch, tag)
     assert {"kvm_sregs", "kvm_segment", "kvm_dtable", "kvm_cpuid_entry2"} <= set(mirrored_structs(uapi_x86))
     assert {"user_pt_regs", "user_fpsimd_state", "kvm_vcpu_init"} <= set(mirrored_structs(uapi_arm64))

@@ -1,4 +1,4 @@
-"""Mirror of Linux 7.2 ``include/uapi/linux/udmabuf.h`` and ``linux/dma-heap.h``."""
+"""Mirror of Linux 7.2 ``include/uapi/linux/udmabuf.h``, ``linux/dma-heap.h`` and ``linux/dma-buf.h`` (its SYNC)."""
 
 from __future__ import annotations
 
@@ -24,3 +24,16 @@ class dma_heap_allocation_data(ctypes.Structure):
 
 DMA_HEAP_IOC_MAGIC = ord("H")
 DMA_HEAP_IOCTL_ALLOC = IOWR(DMA_HEAP_IOC_MAGIC, 0x0, dma_heap_allocation_data)
+
+
+class dma_buf_sync(ctypes.Structure):
+    _fields_ = [("flags", u64)]
+
+
+DMA_BUF_SYNC_READ = 1 << 0
+DMA_BUF_SYNC_WRITE = 2 << 0
+DMA_BUF_SYNC_RW = DMA_BUF_SYNC_READ | DMA_BUF_SYNC_WRITE
+DMA_BUF_SYNC_START = 0 << 2
+DMA_BUF_SYNC_END = 1 << 2
+DMA_BUF_BASE = ord("b")
+DMA_BUF_IOCTL_SYNC = IOW(DMA_BUF_BASE, 0, dma_buf_sync)

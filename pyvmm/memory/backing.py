@@ -3,7 +3,7 @@
 Each backing is a small class that creates its fd and mapping, says which
 memslot flags it needs, and describes itself for reports.  ``BackingSpec`` is
 the parsed form of the CLI's ``--backing`` (``anon``, ``memfd``,
-``memfd-hugetlb``, ``guest-memfd``, ``udmabuf``, ``dma-heap:NAME``,
+``memfd-hugetlb``, ``guest-memfd``, ``udmabuf[:dmabuf|:memfd]``, ``dma-heap:NAME``,
 ``file:PATH``); ``BackingSpec.create(size, vm)`` makes the backing.
 """
 
@@ -23,9 +23,15 @@ from ..kvm.errors import ConfigError, MissingFeature
 from ..kvm.fd import close_all
 from ..kvm.ioctl import ioctl
 from ..kvm.uapi_dmabuf import (
+    DMA_BUF_IOCTL_SYNC,
+    DMA_BUF_SYNC_END,
+    DMA_BUF_SYNC_READ,
+    DMA_BUF_SYNC_START,
+    DMA_BUF_SYNC_WRITE,
     DMA_HEAP_IOCTL_ALLOC,
     UDMABUF_CREATE,
     UDMABUF_FLAGS_CLOEXEC,
+    dma_buf_sync,
     dma_heap_allocation_data,
     udmabuf_create,
 )
@@ -242,19 +248,31 @@ def _fd_io(fd: int, write: bool, offset: int, buf) -> bool:
     return True
 
 
-class UdmabufBacking(Backing):
-    """A DMA-buf made from a sealed memfd with ``UDMABUF_CREATE``; the slot maps the DMA-buf itself.
+class UdmabufMap(enum.Enum):
+    """Which of a udmabuf's two views of the same pages the memslot maps (``udmabuf:dmabuf`` / ``udmabuf:memfd``)."""
 
-    The DMA-buf mmap inserts PFNs (the VMA is VM_PFNMAP|VM_IO), which is what
-    makes it interesting: a protected VM cannot pin such pages.
+    DMABUF = "dmabuf"  # the DMA-buf's mmap: VM_PFNMAP|VM_IO, a protected VM cannot pin it (EFAULT)
+    MEMFD = "memfd"  # the memfd behind it: shmem pages GUP can pin; the DMA-buf fd stays for devices and users
+
+
+class UdmabufBacking(Backing):
+    """A DMA-buf made from a sealed memfd with ``UDMABUF_CREATE``.
+
+    ``map=UdmabufMap.DMABUF`` (the default, ``udmabuf`` or ``udmabuf:dmabuf``): the slot maps the DMA-buf itself.
+    Its mmap inserts PFNs (the VMA is VM_PFNMAP|VM_IO), which is what makes it interesting: a protected VM
+    cannot pin such pages.  ``map=UdmabufMap.MEMFD`` (``udmabuf:memfd``): the slot maps the memfd the DMA-buf
+    was made from -- the fix the DMA-buf maintainers proposed for the crosvm report -- and ``dmabuf`` stays
+    open for whoever needs the buffer as a DMA-buf (``dmabuf_mmap()``: the same pages through the DMA-buf).
     """
 
     kind = BackingKind.UDMABUF
-    pfn_mapped = True  # udmabuf's mmap inserts PFNs (vmf_insert_pfn): VM_PFNMAP|VM_IO
-    swap_backed = True  # the pages are the memfd's (shmem), but GUP never reaches them through this mapping
+    pfn_mapped = True  # by default (map=DMABUF): udmabuf's mmap inserts PFNs (vmf_insert_pfn), VM_PFNMAP|VM_IO
+    swap_backed = True  # the pages are the memfd's (shmem); through the DMA-buf mapping GUP never reaches them
 
-    def _create(self, device: str = UDMABUF_DEVICE) -> None:
+    def _create(self, device: str = UDMABUF_DEVICE, map: UdmabufMap = UdmabufMap.DMABUF) -> None:
         size = self.size
+        self.map = UdmabufMap(map)
+        self.pfn_mapped = self.map is UdmabufMap.DMABUF
         if not os.path.exists(device):
             raise _dmabuf_missing("udmabuf", device, "CONFIG_UDMABUF=y")
         self.memfd = self._own(_memfd("pyvmm-udmabuf", size, hostmem.MFD_CLOEXEC | hostmem.MFD_ALLOW_SEALING))
@@ -265,14 +283,62 @@ class UdmabufBacking(Backing):
             self.dmabuf = self._own(ioctl(dev, "UDMABUF_CREATE", UDMABUF_CREATE, arg))
         finally:
             os.close(dev)
-        self._map(self.dmabuf)
+        self._map(self.dmabuf if self.pfn_mapped else self.memfd)
 
     def host_io(self, write: bool, offset: int, buf) -> bool:
         """Through the memfd the DMA-buf was made from: same pages, no GUP on the PFN mapping."""
-        return _fd_io(self.memfd, write, offset, buf)
+        return _fd_io(self.memfd, write, offset, buf) if self.pfn_mapped else False
+
+    def dmabuf_mmap(self) -> "DmabufMapping":
+        """A CPU mapping of the DMA-buf (``with backing.dmabuf_mmap() as m: m.read(offset, n)``), closed on exit."""
+        return DmabufMapping(self.dmabuf, self.size)
+
+    def describe(self) -> str:
+        return "udmabuf" if self.pfn_mapped else f"udmabuf:{self.map.value}"
 
     def details(self) -> dict:
-        return {**super().details(), "memfd": self.memfd, "dmabuf": self.dmabuf}
+        return {**super().details(), "memfd": self.memfd, "dmabuf": self.dmabuf, "map": self.map.value}
+
+
+class DmabufMapping:
+    """A DMA-buf's own mmap, read or written between ``DMA_BUF_IOCTL_SYNC`` START and END (the CPU-access
+    bracket the DMA-buf API asks for), unmapped on ``close()``."""
+
+    def __init__(self, dmabuf: int, size: int):
+        self.fd, self.size = dmabuf, size
+        self.addr = hostmem.mmap_fd(dmabuf, size)
+
+    def _sync(self, flags: int) -> None:
+        ioctl(self.fd, "DMA_BUF_IOCTL_SYNC", DMA_BUF_IOCTL_SYNC, dma_buf_sync(flags=flags))
+
+    def read(self, offset: int, length: int) -> bytes:
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise ValueError(f"[{offset:#x}, +{length:#x}) is outside the {self.size:#x}-byte DMA-buf")
+        self._sync(DMA_BUF_SYNC_START | DMA_BUF_SYNC_READ)
+        try:
+            return ctypes.string_at(self.addr + offset, length)
+        finally:
+            self._sync(DMA_BUF_SYNC_END | DMA_BUF_SYNC_READ)
+
+    def write(self, offset: int, data: bytes) -> None:
+        if offset < 0 or offset + len(data) > self.size:
+            raise ValueError(f"[{offset:#x}, +{len(data):#x}) is outside the {self.size:#x}-byte DMA-buf")
+        self._sync(DMA_BUF_SYNC_START | DMA_BUF_SYNC_WRITE)
+        try:
+            ctypes.memmove(self.addr + offset, data, len(data))
+        finally:
+            self._sync(DMA_BUF_SYNC_END | DMA_BUF_SYNC_WRITE)
+
+    def close(self) -> None:
+        addr, self.addr = self.addr, 0
+        if addr:
+            hostmem.munmap(addr, self.size)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
 
 class DmaHeapBacking(Backing):
@@ -393,12 +459,17 @@ class BackingSpec:
         try:
             kind = BackingKind(name)
         except ValueError:
-            choices = ", ".join(k.value + (":NAME" if k is BackingKind.DMA_HEAP else ":PATH" if k is BackingKind.FILE else "")
-                                for k in BackingKind)
+            suffix = {BackingKind.DMA_HEAP: ":NAME", BackingKind.FILE: ":PATH", BackingKind.UDMABUF: "[:memfd]"}
+            choices = ", ".join(k.value + suffix.get(k, "") for k in BackingKind)
             raise ConfigError(f"unknown backing {text!r} (choose from {choices})") from None
         needs_arg = kind in (BackingKind.DMA_HEAP, BackingKind.FILE)
         if needs_arg and not arg:
             raise ConfigError(f"backing {name} needs an argument: {name}:{'NAME' if kind is BackingKind.DMA_HEAP else 'PATH'}")
+        if kind is BackingKind.UDMABUF and sep:
+            if arg not in {m.value for m in UdmabufMap}:
+                raise ConfigError(f"backing {text!r}: udmabuf maps either its DMA-buf or its memfd "
+                                  f"(udmabuf:dmabuf, the default, or udmabuf:memfd)")
+            return cls(kind, "" if arg == UdmabufMap.DMABUF.value else arg)
         if not needs_arg and sep:
             raise ConfigError(f"backing {name} takes no argument (got {text!r})")
         return cls(kind, arg)
@@ -421,7 +492,7 @@ class BackingSpec:
         if k is BackingKind.GUEST_MEMFD:
             return GuestMemfdBacking(size, vm=vm)
         if k is BackingKind.UDMABUF:
-            return UdmabufBacking(size)
+            return UdmabufBacking(size, map=UdmabufMap(self.arg or UdmabufMap.DMABUF.value))
         if k is BackingKind.DMA_HEAP:
             return DmaHeapBacking(size, heap=self.arg)
         return FileBacking(size, path=self.arg)
@@ -453,5 +524,5 @@ def backing_availability(vm: "VmFd | None" = None) -> dict[str, str]:
 
 __all__ = [
     "Backing", "BackingKind", "BackingSpec", "AnonBacking", "MemfdBacking", "GuestMemfdBacking",
-    "UdmabufBacking", "DmaHeapBacking", "FileBacking", "backing_availability",
+    "UdmabufBacking", "UdmabufMap", "DmabufMapping", "DmaHeapBacking", "FileBacking", "backing_availability",
 ]

@@ -177,7 +177,8 @@ def fault_causes(report: "FaultReport", candidates: list["SlotInfo"]) -> list[st
                 f"slot {s.slot} ({s.backing}) is mapped VM_PFNMAP/VM_IO (VmFlags {flags}): a protected VM's pages "
                 "are pinned with pin_user_pages(FOLL_LONGTERM) when the guest first touches them (pkvm_mem_abort), "
                 "and GUP's check_vma_flags() refuses VM_IO/VM_PFNMAP mappings such as a DMA-buf mmap (udmabuf, "
-                "dma-heap), so pkvm_mem_abort returns EFAULT"
+                "dma-heap), so pkvm_mem_abort returns EFAULT; to share guest RAM as a DMA-buf, back it with a memfd "
+                "and make the DMA-buf from it (backing udmabuf:memfd: the slot maps the memfd, GUP can pin it)"
             )
     elif err == errno_mod.EIO:
         named = [s for s in candidates if _not_swap_backed(s)]
