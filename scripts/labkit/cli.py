@@ -1,64 +1,94 @@
 """The emulated arm64 lab: an arm64 host with EL2 under QEMU (TCG), running Debian's Linux 7.2 with
 kvm-arm.mode=protected, with Python and pyvmm inside.  Built only from Debian and PyPI packages.
 
-    scripts/lab run [--no-protected] -- COMMAND...   boot the lab, run COMMAND in the project dir, return its status
-    scripts/lab test [PYTEST-ARGS...]                run the test suite inside the lab
-    scripts/lab build                                build what is missing and stop
-    scripts/lab shell                                an interactive shell inside the lab
+    scripts/lab run [--no-protected] [--kernel NAME] -- COMMAND...
+                                    boot the lab, run COMMAND in the project dir, return its status
+    scripts/lab test [--kernel NAME] [PYTEST-ARGS...]   run the test suite inside the lab
+    scripts/lab build [--kernel NAME]                   build what is missing and stop
+    scripts/lab shell [--kernel NAME]                   an interactive shell inside the lab
+    scripts/lab kernels                                 the kernels it can build (scripts/labkit/kernels/)
+
+--kernel NAME boots a host kernel built from sid's linux-source with scripts/labkit/kernels/NAME.config
+(allnoconfig plus that fragment, and the patches in kernels/NAME/) instead of Debian's; e.g. dma-heaps:
+KVM/pKVM plus the system and CMA DMA-buf heaps and udmabuf.
 
 What it builds is cached under .cache/lab and rebuilt only when its inputs change: QEMU 10 and the
 cross tools (Debian bookworm-backports, installed with apt; the machine's other packages are not
 upgraded), Debian sid's arm64 kernel and userland (downloaded with a private apt configuration, never
 installed on this machine), Python packages for inside (pip, pure wheels), the arm64 test guests, and a
-pKVM-guest kernel (/opt/lab/pkvm-guest/Image) built from sid's linux-source with labkit/pkvm-guest.config.
+pKVM-guest kernel (/opt/lab/pkvm-guest/Image) built from sid's linux-source with
+labkit/kernels/pkvm-guest.config, and any host kernel asked for with --kernel.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 
 from .cache import one_lab_at_a_time
 from .initramfs import build_base, build_firmware, build_pkvm_guest_part, build_virtio_guest
-from .kernel import debian_image, pkvm_guest_image
+from .kernel import build_kernel, debian_image, pkvm_guest_image, recipe, recipes
 from .qemu import boot, ensure_host_tools
 
 
-def build_all() -> tuple[str, list[str]]:
-    """Everything a boot needs, built where missing (call with the lock held): (kernel, initramfs parts)."""
+def build_all(host_kernel: str | None = None) -> tuple[str, str, list[str]]:
+    """Everything a boot needs, built where missing (call with the lock held): (host kernel, extra command line,
+    initramfs parts).  HOST_KERNEL names a kernels/ recipe with ``# role: host``; None is Debian's kernel."""
     ensure_host_tools()
-    kernel = debian_image()
-    parts = [build_base(kernel), build_virtio_guest(), build_pkvm_guest_part(pkvm_guest_image())]
+    guest_kernel = debian_image()  # /opt/lab/Image, the Linux guest of the tests; by default also the host
+    parts = [build_base(guest_kernel), build_virtio_guest(), build_pkvm_guest_part(pkvm_guest_image())]
     build_firmware()
-    return kernel, parts
+    if host_kernel is None:
+        return guest_kernel, "", parts
+    r = recipe(host_kernel)
+    if r.role != "host":
+        sys.exit(f"lab: kernel {host_kernel!r} is a {r.role} kernel ({r.fragment} says '# role: {r.role}'), "
+                 f"not a lab host")
+    return build_kernel(host_kernel), r.cmdline, parts
 
 
-def boot_lab(command: list[str], protected: bool = True, interactive: bool = False, timeout: float = 3000) -> int:
+def boot_lab(command: list[str], protected: bool = True, interactive: bool = False, timeout: float = 3000,
+             kernel: str | None = None) -> int:
     with one_lab_at_a_time():  # builds included: two runs must not rebuild the same cache at once
-        kernel, parts = build_all()
-        return boot(kernel, parts, command, protected, interactive, timeout)
+        image, extra, parts = build_all(kernel)
+        return boot(image, parts, command, protected, interactive, timeout, extra_cmdline=extra)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="scripts/lab", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="scripts/lab", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n\n", 1)[1])
     sub = parser.add_subparsers(dest="cmd", required=True)
+    kernel_help = "boot this host kernel (scripts/labkit/kernels/NAME.config) instead of Debian's"
     r = sub.add_parser("run", help="run a command inside the lab")
     r.add_argument("--no-protected", action="store_true", help="boot the host with kvm-arm.mode=nvhe instead")
     r.add_argument("--timeout", type=float, default=3000, help="give up after this many seconds")
+    r.add_argument("--kernel", metavar="NAME", help=kernel_help)
     r.add_argument("command", nargs=argparse.REMAINDER)
     t = sub.add_parser("test", help="run the test suite inside the lab")
+    t.add_argument("--kernel", metavar="NAME", help=kernel_help)
     t.add_argument("pytest_args", nargs=argparse.REMAINDER)
-    sub.add_parser("build", help="build what is missing")
-    sub.add_parser("shell", help="interactive shell inside the lab")
+    b = sub.add_parser("build", help="build what is missing")
+    b.add_argument("--kernel", metavar="NAME", help="also build this host kernel")
+    sh = sub.add_parser("shell", help="interactive shell inside the lab")
+    sh.add_argument("--kernel", metavar="NAME", help=kernel_help)
+    sub.add_parser("kernels", help="list the kernels the lab can build")
     args = parser.parse_args(argv)
+    if args.cmd == "kernels":
+        for r in recipes().values():
+            extra = f", command line +{r.cmdline!r}" if r.cmdline else ""
+            print(f"{r.name}: {r.role} kernel, {len(r.patches)} patch(es){extra}  ({r.fragment})")
+        return 0
     if args.cmd == "build":
         with one_lab_at_a_time():
-            build_all()
+            build_all(args.kernel)
         return 0
     if args.cmd == "shell":
-        return boot_lab(["sh"], interactive=True)
+        return boot_lab(["sh"], interactive=True, kernel=args.kernel)
     if args.cmd == "test":
-        return boot_lab(["python3", "-m", "pytest", "-p", "no:cacheprovider", *(args.pytest_args or ["tests"])])
+        return boot_lab(["python3", "-m", "pytest", "-p", "no:cacheprovider", *(args.pytest_args or ["tests"])],
+                        kernel=args.kernel)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         parser.error("run needs a COMMAND (scripts/lab run -- COMMAND...)")
-    return boot_lab(command, protected=not args.no_protected, timeout=args.timeout)
+    return boot_lab(command, protected=not args.no_protected, timeout=args.timeout, kernel=args.kernel)

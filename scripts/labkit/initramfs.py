@@ -30,9 +30,11 @@ export PATH=/usr/local/bin:/usr/bin:/bin:/sbin HOME=/root PYTHONPATH=/opt/pylib 
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
 mkdir -p /dev/pts /tmp /root; mount -t tmpfs tmp /tmp
 ulimit -l unlimited
-if [ -f /opt/lab/host-modules/order ]; then  # the lab host's own modules (tun for virtio-net's TAP)
+# Debian's kernel: its own modules (tun for virtio-net's TAP); a lab kernel of kernels/ has them built in
+if [ -f /opt/lab/host-modules/order ] && [ "$(uname -r)" = "$(cat /opt/lab/host-modules/release)" ]; then
   while read m; do insmod /opt/lab/host-modules/$m.ko || echo "lab: insmod $m failed"; done < /opt/lab/host-modules/order
 fi
+echo "lab: host kernel $(uname -r)"
 cd /work/pyvmm
 sh /lab/cmd
 echo "PYVMM-LAB-EXIT=$?"
@@ -53,6 +55,7 @@ echo "pyvmm-guest: Linux $(/bin/busybox uname -r) reached userspace"
 # none).  Their dependencies (failover, net_failover) are read from the modules' .modinfo and loaded first.
 VIRTIO_MODULES = ["virtio_mmio", "virtio_blk", "virtio_rng", "virtio_net"]
 HOST_MODULES = ["tun"]  # for the lab host itself: /dev/net/tun (virtio-net's TAP)
+VIRTIO_GUEST_PART_VERSION = "2"  # bump when build_virtio_guest() lays out its files differently
 VIRTIO_GUEST_INIT = r"""#!/bin/busybox sh
 /bin/busybox --install -s /bin
 export PATH=/bin
@@ -177,7 +180,7 @@ def build_virtio_guest() -> str:
     VIRTIO_GUEST_INIT) for the lab's tests to boot, and the lab host's own modules (/opt/lab/host-modules)."""
     out = os.path.join(CACHE, "virtio-guest.cpio")
     debs = fetch_debs(["busybox-static", MODULES_PACKAGE])
-    key = digest(VIRTIO_GUEST_INIT, *VIRTIO_MODULES, *HOST_MODULES,
+    key = digest(VIRTIO_GUEST_PART_VERSION, VIRTIO_GUEST_INIT, *VIRTIO_MODULES, *HOST_MODULES,
                  *sorted(os.path.basename(d) for d in debs.values()))
     if stamp_ok(out, key):
         return out
@@ -208,6 +211,7 @@ def build_virtio_guest() -> str:
         for name, ko in loaded:
             write_file(os.path.join(host_modules, name + ".ko"), ko)
         write_file(os.path.join(host_modules, "order"), "".join(name + "\n" for name, _ in loaded))
+        write_file(os.path.join(host_modules, "release"), module_release(loaded[0][1]) + "\n")
         pack_cpio(guest, os.path.join(wrapper, "opt", "lab", "virtio-initrd.cpio"))
         pack_cpio(wrapper, out)
     say("virtio guest modules, in load order: " + " ".join(name for name, _ in modules))

@@ -61,9 +61,10 @@ def ensure_host_tools() -> None:
 
 
 def boot(kernel: str, parts: list[str], command: list[str], protected: bool = True, interactive: bool = False,
-         timeout: float = 3000) -> int:
+         timeout: float = 3000, extra_cmdline: str = "") -> int:
     """Boot KERNEL with the initramfs PARTS plus the project overlay running COMMAND; its exit status."""
     cmdline = KERNEL_CMDLINE if protected else KERNEL_CMDLINE.replace("kvm-arm.mode=protected", "kvm-arm.mode=nvhe")
+    cmdline = f"{cmdline} {extra_cmdline}".strip()
     with tempfile.TemporaryDirectory(prefix="pyvmm-lab-") as tmp:
         overlay = build_overlay(command, tmp)
         initrd = os.path.join(tmp, "initrd.cpio")
@@ -74,7 +75,7 @@ def boot(kernel: str, parts: list[str], command: list[str], protected: bool = Tr
         qemu = ["qemu-system-aarch64", "-M", "virt,virtualization=on,gic-version=3", "-cpu", "max", "-smp", "2",
                 "-m", "2G", "-accel", "tcg,thread=multi", "-nographic", "-no-reboot", "-kernel", kernel,
                 "-initrd", initrd, "-append", cmdline]
-        say("booting the arm64 host (QEMU TCG, kvm-arm.mode=" + ("protected" if protected else "nvhe") + ")")
+        say(f"booting the arm64 host (QEMU TCG, {os.path.relpath(kernel, os.getcwd())}, {cmdline})")
         if interactive:
             return subprocess.call(qemu)
         return stream(qemu, timeout)
