@@ -230,7 +230,7 @@ def _vcpu_text(v: VcpuInfo) -> list[str]:
     return out
 
 
-def _slot_infos(vm: "Vm") -> tuple[list[SlotInfo], str | None]:
+def slot_infos(vm: "Vm") -> tuple[list[SlotInfo], str | None]:
     vmas: list[hostinfo.Vma] | None
     try:
         vmas, smaps_error = hostinfo.read_smaps(), None
@@ -515,7 +515,7 @@ def build_report(vm: "Vm", vcpu: "VcpuFd | None", what: str, *, call: str | None
     if report.fault_gpa is not None:
         region = vm.memory.find(report.fault_gpa)
         report.faulting_slot = region.slot if region else None
-    report.slots, report.smaps_error = _slot_infos(vm)
+    report.slots, report.smaps_error = slot_infos(vm)
     report.forced_pages = sorted(p * hostmem.PAGE_SIZE for p in vm.memory.forced_pages)
     if report.faulting_slot is None and report.fault_gpa is None and report.vm_kind == "protected":
         # arm64 has no KVM_EXIT_MEMORY_FAULT from pkvm_mem_abort: infer the slot when exactly one fits the rule.

@@ -12,6 +12,8 @@ if TYPE_CHECKING:
     from ..kvm.system import Kvm
     from ..kvm.vcpu import VcpuFd
     from ..memory.regions import MemoryRules
+    from ..preflight import RuleAnswer
+    from ..report import SlotInfo
     from ..virtio import VirtioSlot
     from ..vm import Vm
 
@@ -49,6 +51,11 @@ class Arch(Protocol):
     def boot(self, vm: "Vm", image: str | None, **options) -> None: ...
 
     def check_before_run(self, vm: "Vm") -> None: ...
+
+    def predict_first_run(self, vm: "Vm", slots: list["SlotInfo"]) -> list["RuleAnswer"]:
+        """What the first KVM_RUN will meet, by the kernel's rules (``pyvmm check``): one answer per rule
+        or slot, in the order the guest meets them; ``errno`` None where it passes."""
+        ...
 
     def virtio_slot(self, index: int) -> "VirtioSlot": ...
 

@@ -39,6 +39,7 @@ from ...hostinfo import MemlockInfo, kvm_arm_mode
 from ...kvm import uapi
 from ...kvm.errors import ConfigError, KvmError, MissingFeature, PrivatePageError
 from ...memory.regions import pages
+from ...preflight import RuleAnswer
 
 if TYPE_CHECKING:
     from ...kvm.system import Kvm
@@ -122,6 +123,38 @@ def check_memlock(vm: "Vm", memlock: MemlockInfo | None = None) -> None:
 # --- capabilities -------------------------------------------------------------------------
 NISV_REFUSED = ("kvm_pkvm_ext_allowed() hides KVM_CAP_ARM_NISV_TO_USER from protected VMs, and io_mem_abort "
                 "injects an external abort into a protected guest instead of exiting (kvm_inject_sea_dabt)")
+
+
+# --- predictions (pyvmm check) --------------------------------------------------------------
+def predict_first_run(vm: "Vm", slots: list["SlotInfo"], memlock: MemlockInfo | None = None) -> list[RuleAnswer]:
+    """A protected VM's first KVM_RUN: the RLIMIT_MEMLOCK charge, then each slot's stage-2 fault, RAM (the
+    slot the guest starts in) first."""
+    try:
+        check_memlock(vm, memlock)
+        answers = [RuleAnswer(None, "RLIMIT_MEMLOCK covers the guest's memory (or the VMM has CAP_IPC_LOCK)")]
+    except ConfigError as err:
+        answers = [RuleAnswer(errno_mod.ENOMEM, str(err))]
+    ram_first = sorted(slots, key=lambda s: (s.gpa != vm.arch.ram_base, s.gpa))
+    return answers + [predict_stage2(s) for s in ram_first]
+
+
+def predict_stage2(s: "SlotInfo") -> RuleAnswer:
+    """pkvm_mem_abort's answer for a page of slot S, from the host's facts about its mapping (VmFlags from
+    /proc/self/smaps, the backing's nature): the order is the kernel's (pin_user_pages, then the swap-backed
+    check).  Unknown facts predict success and say so."""
+    if _pfn_mapped(s):
+        flags = " ".join(sorted(s.vmflags & {"pf", "io"})) or "per the backing"
+        return RuleAnswer(errno_mod.EFAULT,
+                              f"slot {s.slot} ({s.backing}) is VM_PFNMAP/VM_IO (VmFlags {flags}): pin_user_pages "
+                              "fails in check_vma_flags, pkvm_mem_abort returns EFAULT")
+    if _not_swap_backed(s):
+        return RuleAnswer(errno_mod.EIO,
+                              f"slot {s.slot} ({s.backing}): {_why_not_swap_backed(s)}; pkvm_mem_abort refuses a "
+                              "folio that is not folio_test_swapbacked() with EIO")
+    if s.nature.get("swap_backed") is None:
+        return RuleAnswer(None, f"slot {s.slot} ({s.backing}): whether its pages are swap-backed is "
+                                            "unknown (the filesystem could not be read); predicted to pin")
+    return RuleAnswer(None, f"slot {s.slot} ({s.backing}): pinnable, swap-backed pages")
 
 
 # --- faults -------------------------------------------------------------------------------

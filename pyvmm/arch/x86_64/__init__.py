@@ -16,6 +16,7 @@ from ...kvm.vcpu import VcpuFd
 from ...loader import EM_X86_64, is_elf, load_elf, load_flat, read_image
 from ...memory.regions import MemoryRules
 from ...outcome import ExitKind, Outcome
+from ...preflight import RuleAnswer
 from ...virtio import VirtioSlot
 from .. import RegisterDump
 from . import cpu, layout, linux
@@ -151,6 +152,10 @@ class X86_64:
 
     def check_before_run(self, vm) -> None:
         pass
+
+    def predict_first_run(self, vm, slots) -> list[RuleAnswer]:
+        return [RuleAnswer(None, "an x86 VM's EPT faults are resolved by KVM without long-term pinning: "
+                                 "every backing runs")]
 
     def registers(self, vcpu: VcpuFd) -> RegisterDump:
         return cpu.registers(vcpu)

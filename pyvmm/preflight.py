@@ -1,0 +1,140 @@
+"""``pyvmm check``: what a configuration will do, predicted without ``KVM_RUN``.
+
+The VM is made for real (``KVM_CREATE_VM``, every backing created and mapped, every memslot registered), so
+whatever KVM or pyvmm refuses before running is observed, not guessed; only the first ``KVM_RUN`` is
+predicted, from the kernel's rules (the arch's ``predict_first_run``: for a protected arm64 VM, pkvm_mem_abort's
+RLIMIT_MEMLOCK charge, pinning and swap-backed checks) applied to the host's facts: each slot's VMA flags from
+/proc/self/smaps, its backing's nature, the memlock limit and CAP_IPC_LOCK, the pKVM mode.
+
+The prediction is for a guest that touches its RAM (slot 0, where it starts); another slot's answer is
+given for when the guest touches it.  ``pyvmm matrix`` prints prediction and observation side by side.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import errno as errno_mod
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from . import hostinfo
+from .kvm.errors import ConfigError, KvmError, MissingFeature
+
+if TYPE_CHECKING:
+    from .vm import Vm
+
+
+@dataclass(frozen=True)
+class RuleAnswer:
+    """One rule's answer for the first KVM_RUN (the arch's ``predict_first_run``): errno None = it passes."""
+
+    errno: int | None
+    reason: str
+
+
+class Verdict(enum.Enum):
+    RUNS = "runs"  # the guest runs (as far as its memory is concerned)
+    FAILS = "fails"  # an ioctl fails: ``errno`` and ``call`` say which
+    REFUSED = "refused"  # pyvmm refuses the configuration before KVM sees it (ConfigError)
+    UNAVAILABLE = "unavailable"  # this host lacks what it needs (a device, a kernel option, pKVM)
+
+
+@dataclass
+class Prediction:
+    verdict: Verdict
+    errno: str | None = None  # "EFAULT"
+    call: str | None = None  # the ioctl that fails: "KVM_RUN", "KVM_SET_USER_MEMORY_REGION2", ...
+    reasons: list[str] = field(default_factory=list)  # the rules that decided, most relevant first
+    facts: dict = field(default_factory=dict)  # what the prediction was made from
+
+    def summary(self) -> str:
+        """One cell of a table: "runs", "EFAULT (KVM_RUN)", "refused", "unavailable"."""
+        if self.verdict is Verdict.FAILS:
+            return f"{self.errno} ({self.call})"
+        return self.verdict.value
+
+    def cause(self) -> str:
+        return self.reasons[0] if self.reasons else ""
+
+    def to_dict(self) -> dict:
+        return {"verdict": self.verdict.value, "errno": self.errno, "call": self.call, "reasons": self.reasons,
+                "facts": self.facts}
+
+
+def _errno_name(err: int) -> str:
+    return errno_mod.errorcode.get(err, str(err))
+
+
+def predict(vm: "Vm") -> Prediction:
+    """The first ``KVM_RUN`` of VM (memslots registered, not yet run), from the kernel's rules."""
+    from .report import slot_infos
+
+    if vm.memory.has_run:
+        raise ConfigError("pyvmm check predicts a VM's first KVM_RUN: this VM has already run")
+    slots, smaps_error = slot_infos(vm)
+    facts = {
+        "vm_kind": vm.kind, "arch": vm.arch.name, "kvm_arm_mode": hostinfo.kvm_arm_mode(),
+        "memlock": dataclasses.asdict(hostinfo.MemlockInfo.read()),
+        "slots": [{"slot": s.slot, "gpa": s.gpa, "size": s.size, "backing": s.backing, "flags": s.flags,
+                   "vmflags": sorted(s.vmflags), "nature": s.nature} for s in slots],
+    }
+    if smaps_error:
+        facts["smaps_error"] = smaps_error
+    answers = vm.arch.predict_first_run(vm, slots)
+    failing = [a for a in answers if a.errno is not None]
+    reasons = [a.reason for a in failing] or [a.reason for a in answers]
+    if not failing:
+        return Prediction(Verdict.RUNS, reasons=reasons or ["a normal VM's stage-2 faults are resolved by KVM "
+                                                            "without pinning: every backing runs"], facts=facts)
+    first = failing[0]  # the arch orders them: what the guest meets first
+    return Prediction(Verdict.FAILS, _errno_name(first.errno), "KVM_RUN", reasons, facts)
+
+
+@dataclass(frozen=True)
+class RegionSpec:
+    gpa: int | None  # None: after the previous one (RAM at the arch's base)
+    size: int
+    backing: str
+    flags: int = 0
+
+
+def check(protected: bool, regions: list[RegionSpec], vcpus: int = 1, kvm=None) -> Prediction:
+    """Make the VM (type, backings, memslots) and predict its first run; the VM is closed again.
+
+    What fails while making it is observed: a host without the backing or without pKVM is UNAVAILABLE, a
+    configuration pyvmm refuses is REFUSED, an ioctl KVM refuses is FAILS with its errno and call."""
+    from .vm import Vm
+
+    try:
+        vm = Vm(protected=protected, kvm=kvm)
+    except (MissingFeature, ConfigError) as err:  # no pKVM, or protected VMs on another arch
+        return Prediction(Verdict.UNAVAILABLE, reasons=[str(err)])
+    except KvmError as err:
+        return Prediction(Verdict.FAILS, err.errno_name, err.call, [str(err)])
+    with vm:
+        try:
+            for r in regions:
+                vm.add_memory(r.size, r.backing, gpa=r.gpa, flags=r.flags)
+            vm.create_vcpus(vcpus)
+        except MissingFeature as err:
+            return Prediction(Verdict.UNAVAILABLE, reasons=[str(err)])
+        except KvmError as err:
+            return Prediction(Verdict.FAILS, err.errno_name, err.call, [str(err)])
+        except ConfigError as err:
+            return Prediction(Verdict.REFUSED, reasons=[str(err)])
+        return predict(vm)
+
+
+def format_prediction(p: Prediction) -> str:
+    lines = [f"predicted: {p.summary()}"]
+    lines += [f"  because: {r}" for r in p.reasons]
+    for s in p.facts.get("slots", []):
+        vmflags = " ".join(s["vmflags"]) or "unknown"
+        lines.append(f"  slot {s['slot']}: {s['backing']} at {s['gpa']:#x}, {s['size'] >> 10} KiB, VmFlags {vmflags}")
+    ml = p.facts.get("memlock")
+    if ml:
+        limit = "unlimited" if ml["rlimit_soft"] is None else f"{ml['rlimit_soft']} bytes"
+        lines.append(f"  RLIMIT_MEMLOCK {limit}, CAP_IPC_LOCK {'yes' if ml['cap_ipc_lock'] else 'no'}; "
+                     f"kvm-arm.mode {p.facts.get('kvm_arm_mode') or '-'}")
+    return "\n".join(lines)
