@@ -1,4 +1,5 @@
-"""The ``pyvmm`` command: ``run`` a guest, or show this host's KVM ``caps``.
+"""The ``pyvmm`` command: ``run`` a guest, show this host's KVM ``caps``, ``check`` a configuration without
+running it, run the backing ``matrix``, or run fault ``scenario``s.
 
 Exit status of ``run``: 0 when the guest halted, powered off, reset or exited
 with status 0; the guest's status (1-255) for a non-zero debug-exit; 1 with a
@@ -104,25 +105,28 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--kvm-device", default="/dev/kvm", metavar="PATH", help="the KVM device node (default /dev/kvm)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
-    run = sub.add_parser("run", help="boot a guest (default: the bundled hello)",
+    # the VM's shape: what `run` boots and what `check` predicts
+    shape = argparse.ArgumentParser(add_help=False)
+    shape.add_argument("-m", "--memory", default="16M", help="guest RAM size (default 16M)")
+    shape.add_argument("-b", "--backing", default="anon",
+                       help="what backs guest RAM: anon, memfd, memfd-hugetlb, guest-memfd, udmabuf (the slot maps "
+                            "the DMA-buf), udmabuf:memfd (the slot maps the memfd behind it), dma-heap:NAME, "
+                            "file:PATH (default anon)")
+    shape.add_argument("--region", action="append", default=[], metavar="GPA,SIZE[,BACKING]",
+                       help="an extra memslot (repeatable), e.g. 0x40000000,2M,udmabuf")
+    shape.add_argument("-c", "--vcpus", type=_positive_int, default=1, help="number of vCPUs (default 1)")
+    shape.add_argument("--protected", action="store_true", help="arm64: create a pKVM protected VM")
+
+    run = sub.add_parser("run", help="boot a guest (default: the bundled hello)", parents=[shape],
                          description="Boot a guest image.  Without IMAGE, boots the bundled hello for this host.",
                          epilog="exit status: 0 clean end, N guest's exit status, 1 fault (report printed), "
                                 "124 timeout, 2 bad input")
     run.add_argument("image", nargs="?", help="firmware (ELF or flat binary) or Linux kernel image")
-    run.add_argument("-m", "--memory", default="16M", help="guest RAM size (default 16M)")
-    run.add_argument("-b", "--backing", default="anon",
-                     help="what backs guest RAM: anon, memfd, memfd-hugetlb, guest-memfd, udmabuf (the slot maps "
-                          "the DMA-buf), udmabuf:memfd (the slot maps the memfd behind it), dma-heap:NAME, "
-                          "file:PATH (default anon)")
-    run.add_argument("--region", action="append", default=[], metavar="GPA,SIZE[,BACKING]",
-                     help="an extra memslot (repeatable), e.g. 0x40000000,2M,udmabuf")
-    run.add_argument("-c", "--vcpus", type=_positive_int, default=1, help="number of vCPUs (default 1)")
     run.add_argument("-t", "--timeout", type=_timeout, default=None, help="stop the guest after this many seconds")
     run.add_argument("--report-json", metavar="FILE", help="write the outcome and any fault report as JSON")
     run.add_argument("--boot", default="auto", help="x86_64: auto, real, long or linux (default auto)")
     run.add_argument("--cmdline", default=None, help="kernel command line (Linux images)")
     run.add_argument("--initrd", default=None, help="initial ramdisk (Linux images)")
-    run.add_argument("--protected", action="store_true", help="arm64: create a pKVM protected VM")
     run.add_argument("--dma-pool", metavar="SIZE", type=_pool_size, default=None,
                      help="arm64: guest RAM for the restricted DMA pool every virtio device is confined to on a "
                           "protected VM (default with --protected: 8M, or an eighth of RAM if less; else none; 0: none)")
@@ -144,7 +148,51 @@ def build_parser() -> argparse.ArgumentParser:
     caps = sub.add_parser("caps", help="show what this host's KVM can do",
                           description="API version, capabilities, VM types, protected VM support and usable backings.")
     caps.add_argument("--json", action="store_true", help="machine-readable output")
+    check = sub.add_parser(
+        "check", help="predict what a configuration will do, without running it", parents=[shape],
+        description="Make the VM (its type, backings and memslots) as `pyvmm run` would, then predict its first "
+                    "KVM_RUN from the kernel's rules and this host's facts (each slot's VMA flags, RLIMIT_MEMLOCK "
+                    "and CAP_IPC_LOCK, the pKVM mode), without running it.  What fails while making the VM is "
+                    "reported as it happened.",
+        epilog="exit status: 0 predicted to run, 1 predicted to fail or refused, 2 bad input, 3 this host cannot "
+               "make it (a missing backing or pKVM)")
+    check.add_argument("--json", action="store_true", help="machine-readable output (prediction, rules, facts)")
+    matrix = sub.add_parser(
+        "matrix", help="every backing on a normal and a protected VM, predicted and run live",
+        description="For every backing kind this host offers (and one row per DMA-buf heap), on a normal and on a "
+                    "protected VM: boot the bundled memtouch guest on 8 MiB of it, and print what `pyvmm check` "
+                    "predicted beside what happened.",
+        epilog="exit status: 0 every prediction agreed with the kernel, 1 a mismatch")
+    matrix.add_argument("--json", action="store_true", help="machine-readable output (every cell)")
+    matrix.add_argument("--backing", action="append", metavar="BACKING",
+                        help="only this backing (repeatable; default: every kind, each DMA-buf heap)")
+    matrix.add_argument("--kind", choices=("normal", "protected"), action="append",
+                        help="only this VM kind (repeatable; default both)")
+    add_scenario_parser(sub)
     return parser
+
+
+def add_scenario_parser(sub) -> None:
+    scenario = sub.add_parser(
+        "scenario", help="a catalogue of guest-fault classes: list them, run them against this kernel",
+        description="Each scenario is a self-contained reproducer of a guest-fault class: the VM type, the memslots "
+                    "and their backings, a bundled guest, what the kernel is expected to answer and why.  Running one "
+                    "compares the kernel's real answer with the expected one.")
+    actions = scenario.add_subparsers(dest="scenario_command", metavar="ACTION", parser_class=_Parser, required=True)
+    listing = actions.add_parser("list", help="every scenario, and whether it can run on this host",
+                                 description="Name, arch/VM kind and title of every scenario, whether it can run on "
+                                             "this host and, if not, what the host lacks.")
+    listing.add_argument("--json", action="store_true", help="machine-readable output (each scenario as data)")
+    run = actions.add_parser("run", help="run one scenario (NAME) or all of them (--all)",
+                             description="Run scenarios for real and compare the kernel's answer with the expected "
+                                         "one.  A scenario this host cannot run is skipped with the reason.",
+                             epilog="exit status: 0 every scenario run matched (skips are not mismatches), 1 a "
+                                    "mismatch, 2 bad input or (for NAME) a scenario this host cannot run")
+    run.add_argument("name", nargs="?", metavar="NAME", help="the scenario to run (pyvmm scenario list names them)")
+    run.add_argument("--all", action="store_true",
+                     help="run every scenario and print a table: scenario, expected, observed, verdict")
+    run.add_argument("--json", action="store_true", help="machine-readable output (the scenario, the observation, "
+                                                         "the verdict; a list with --all)")
 
 
 def parse_disk(text: str) -> tuple[str, bool]:
@@ -326,6 +374,63 @@ def cmd_caps(args) -> int:
     return 0
 
 
+def cmd_scenario(args) -> int:
+    from . import scenarios
+    from .scenarios import text
+
+    facts = scenarios.HostFacts(args.kvm_device)
+    if args.scenario_command == "list":
+        listed = scenarios.scenarios()
+        why_not = {s.name: facts.why_not(s) for s in listed}
+        print(json.dumps(text.list_dicts(listed, why_not, facts.machine), indent=2) if args.json
+              else text.list_text(listed, why_not))
+        return 0
+    if args.all == (args.name is not None):
+        raise ConfigError("name one scenario or give --all (not both)" if args.all
+                          else "name a scenario to run, or give --all (pyvmm scenario list names them)")
+    results = scenarios.run_all(facts) if args.all else [scenarios.run_scenario(scenarios.find(args.name), facts)]
+    if args.json:
+        dicts = [text.result_dict(r, facts.machine) for r in results]
+        print(json.dumps(dicts if args.all else dicts[0], indent=2))
+    else:
+        print(text.table_text(results) if args.all else text.result_text(results[0], facts.machine))
+    if any(r.verdict is scenarios.Verdict.MISMATCH for r in results):
+        return EXIT_FAULT
+    return EXIT_BAD_INPUT if not args.all and results[0].verdict is scenarios.Verdict.SKIPPED else 0
+
+
+EXIT_UNAVAILABLE = 3
+
+
+def cmd_check(args) -> int:
+    from .preflight import RegionSpec, Verdict, check, format_prediction
+
+    BackingSpec.parse(args.backing)  # bad input is a usage error, before any VM exists
+    regions = [RegionSpec(None, parse_size(args.memory), args.backing)]
+    regions += [RegionSpec(gpa, size, str(spec)) for gpa, size, spec in (parse_region(r) for r in args.region)]
+    with Kvm(args.kvm_device) as kvm:
+        prediction = check(args.protected, regions, args.vcpus, kvm=kvm)
+    print(json.dumps(prediction.to_dict(), indent=2) if args.json else format_prediction(prediction))
+    return {Verdict.RUNS: 0, Verdict.UNAVAILABLE: EXIT_UNAVAILABLE}.get(prediction.verdict, EXIT_FAULT)
+
+
+def cmd_matrix(args) -> int:
+    from .matrix import KINDS, format_table, run_matrix
+
+    for b in args.backing or []:
+        if b != "file":
+            BackingSpec.parse(b)
+    with Kvm(args.kvm_device) as kvm:
+        progress = None if args.json else (lambda c: print(f"pyvmm: {c.backing} on a {c.kind} VM: "
+                                                           f"{c.observed.summary()}", file=sys.stderr, flush=True))
+        cells = run_matrix(args.backing, tuple(args.kind or KINDS), kvm=kvm, progress=progress)
+    print(json.dumps([c.to_dict() for c in cells], indent=2) if args.json else format_table(cells))
+    return 0 if all(c.agree for c in cells) else EXIT_FAULT
+
+
+COMMANDS = {"run": cmd_run, "caps": cmd_caps, "scenario": cmd_scenario, "check": cmd_check, "matrix": cmd_matrix}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -334,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:  # plain `pyvmm`: boot the bundled hello
         args = parser.parse_args([*(sys.argv[1:] if argv is None else argv), "run"])
     try:
-        return cmd_caps(args) if args.command == "caps" else cmd_run(args)
+        return COMMANDS[args.command](args)
     except PyvmmError as err:
         print(f"pyvmm: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
