@@ -22,6 +22,7 @@ from . import hostinfo
 from .kvm.errors import ConfigError, KvmError, MissingFeature
 
 if TYPE_CHECKING:
+    from .report import SlotInfo
     from .vm import Vm
 
 
@@ -31,6 +32,24 @@ class RuleAnswer:
 
     errno: int | None
     reason: str
+
+
+def pfns_without_pfnmap(s: "SlotInfo") -> bool:
+    """The backing fills its mapping with raw PFNs (a DMA-buf's fault handler) but the VMA is not VM_PFNMAP/VM_IO
+    (as the CMA heap of the crosvm report's kernel): GUP does not refuse the VMA and walks into special PTEs."""
+    return bool(s.nature.get("pfn_mapped")) and bool(s.vmas) and not (s.vmflags & {"pf", "io"})
+
+
+def bad_page_map_answer(s: "SlotInfo") -> RuleAnswer | None:
+    """Any VM: GUP (pin_user_pages in pkvm_mem_abort, hva_to_pfn for a normal VM) walks into the special PTEs of
+    a VMA that is not VM_PFNMAP: vm_normal_page() logs "BUG: Bad page map" and returns no page, so the fault fails
+    with EFAULT (hva_to_pfn_remapped, a normal VM's way around GUP, serves only VM_IO/VM_PFNMAP VMAs)."""
+    if not pfns_without_pfnmap(s):
+        return None
+    return RuleAnswer(errno_mod.EFAULT,
+                      f"slot {s.slot} ({s.backing}): its backing inserts raw PFNs but the VMA is not VM_PFNMAP/VM_IO "
+                      f"(VmFlags {' '.join(sorted(s.vmflags))}): GUP walks into the special PTEs, vm_normal_page() "
+                      "logs 'BUG: Bad page map' and the stage-2 fault fails with EFAULT")
 
 
 class Verdict(enum.Enum):

@@ -17,6 +17,7 @@ import errno as errno_mod
 import json
 import logging
 import os
+import re
 import threading
 import time
 from dataclasses import asdict, dataclass, field, is_dataclass
@@ -287,6 +288,31 @@ def _memory_fault_cause(report: FaultReport) -> str | None:
             + ") and run the vCPU again")
 
 
+def bad_page_map_cause(kernel_log: list[str]) -> str | None:
+    """The kernel's "BUG: Bad page map" (print_bad_page_map, from vm_normal_page) in this VM's log lines: a
+    mapping's fault handler put raw PFNs (special PTEs) into a VMA that is neither VM_PFNMAP nor VM_MIXEDMAP, so
+    GUP's check_vma_flags let it in and vm_normal_page met a PTE it cannot turn into a page.  Pure."""
+    if not any("BUG: Bad page map" in line for line in kernel_log):
+        return None
+    text = "\n".join(kernel_log)
+    fault = re.search(r"\bfault:(\S+)", text)
+    flags = re.search(r"\bvm_flags:([0-9a-f]+)", text)
+    handler = fault[1] if fault else "the mapping's fault handler"
+    vm_flags = f" (vm_flags {flags[1]}: no VM_PFNMAP {VM_PFNMAP:#x}, no VM_IO {VM_IO:#x})" if flags and not (
+        int(flags[1], 16) & (VM_PFNMAP | VM_IO)) else ""
+    return (f"the kernel logged 'BUG: Bad page map': {handler} inserted raw PFNs (special PTEs) into a VMA that is "
+            f"not VM_PFNMAP/VM_MIXEDMAP{vm_flags}, so GUP's check_vma_flags let it walk the mapping (pin_user_pages "
+            "in pkvm_mem_abort for a protected VM, hva_to_pfn for a normal one) and vm_normal_page() found a PTE "
+            "that has no page: the backing's mmap must mark such a VMA VM_IO|VM_PFNMAP (as Linux 7.2's CMA and "
+            "system heaps do), which makes GUP refuse it cleanly (EFAULT for a protected VM; a normal VM then "
+            "follows the PFN); a protected VM needs pinnable memory (udmabuf:memfd). pyvmm's own reads of "
+            "/proc/self/smaps walk the mapping too and log the same complaint (smaps_pte_range)")
+
+
+VM_IO = 0x4000  # include/linux/mm.h, for reading vm_flags in the kernel's own messages
+VM_PFNMAP = 0x400
+
+
 def likely_causes(report: FaultReport) -> list[str]:
     """The kernel's rules, applied to what the report saw.  Pure: tests feed it reports."""
     from .arch.arm64 import pkvm
@@ -303,6 +329,9 @@ def likely_causes(report: FaultReport) -> list[str]:
     else:
         candidates = report.slots
     in_slot_mmio = report.exit_reason == "KVM_EXIT_MMIO" and slot is not None
+    bad_map = bad_page_map_cause(report.kernel_log)
+    if bad_map:
+        causes.append(bad_map)
     nisv = _nisv_cause(report)
     if nisv:
         causes.append(nisv)

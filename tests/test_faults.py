@@ -111,3 +111,41 @@ def test_rule_eio_enomem_eperm_on_protected_vm():
     assert not any("after its first KVM_RUN" in c for c in likely_causes(eperm))  # KVM_RUN's EPERM is not the memslot rule
     eperm.call = "KVM_SET_USER_MEMORY_REGION"
     assert any("after its first KVM_RUN" in c for c in likely_causes(eperm))
+
+
+# The kernel's lines in the crosvm report (../shared/reference/: Android 6.6, a pKVM guest on a CMA heap buffer).
+REPORTED_BAD_PAGE_MAP = [
+    "kvm [5276]: gfn(ipa)=0x80000 hva=0x7d4a400000 write_fault=0",
+    "BUG: Bad page map in process crosvm_vcpu0 pte:168000140000f43 pmd:8000000c1ca0003",
+    "addr:0000007d4a400000 vm_flags:040400fb anon_vma:0000000000000000 mapping:ffffff8085163df0 index:0",
+    "file:dmabuf fault:cma_heap_vm_fault [cma_heap] mmap:dma_buf_mmap_internal read_folio:0x0",
+]
+
+
+def test_rule_bad_page_map_names_the_fault_handler():
+    """The report's own symptom: the cause names the heap's fault handler and the VMA flags it lacked."""
+    report = _report(errno.EFAULT, backing="dma-heap:default_cma_region")
+    report.kernel_log = REPORTED_BAD_PAGE_MAP
+    cause = likely_causes(report)[0]
+    assert cause.startswith("the kernel logged 'BUG: Bad page map': cma_heap_vm_fault inserted raw PFNs")
+    assert "(vm_flags 040400fb: no VM_PFNMAP 0x400, no VM_IO 0x4000)" in cause
+    assert "udmabuf:memfd" in cause
+    report.kernel_log = REPORTED_BAD_PAGE_MAP[:1]  # without the kernel's complaint, no such cause
+    assert not any("Bad page map" in c for c in likely_causes(report))
+
+
+def test_prediction_for_pfns_in_a_vma_that_is_not_pfnmap():
+    """pyvmm check: a backing that inserts PFNs into a VMA without VM_PFNMAP/VM_IO fails with EFAULT after a
+    'Bad page map' on any VM; with the flags, a protected VM's pin is refused cleanly (EFAULT)."""
+    from pyvmm.arch.arm64 import pkvm
+    from pyvmm.preflight import bad_page_map_answer
+
+    bare = _report(errno.EFAULT, backing="dma-heap:default_cma_region", vmflags=["rd", "wr", "sh", "dd"]).slots[0]
+    bare.nature = {"pfn_mapped": True, "swap_backed": False}
+    answer = bad_page_map_answer(bare)
+    assert answer.errno == errno.EFAULT and "'BUG: Bad page map'" in answer.reason
+    assert pkvm.predict_stage2(bare) == answer
+    flagged = _report(errno.EFAULT, backing="dma-heap:system", vmflags=["rd", "wr", "sh", "io", "pf"]).slots[0]
+    flagged.nature = {"pfn_mapped": True, "swap_backed": False}
+    assert bad_page_map_answer(flagged) is None
+    assert "check_vma_flags" in pkvm.predict_stage2(flagged).reason

@@ -28,7 +28,7 @@ PROTECTED = {"anon": None, "memfd": None, "memfd-hugetlb": "EIO", "guest-memfd":
 
 
 @pytest.fixture(scope="module")
-def built_guests():
+def built_guests(huge_pages):  # huge_pages: memtouch's 8 MiB of memfd-hugetlb, else that cell is "unavailable"
     from pyvmm.arch import machine_name
     from pyvmm.firmware import firmware_path
     from pyvmm.kvm.errors import ConfigError
@@ -39,21 +39,6 @@ def built_guests():
         firmware_path(machine_name(), "memtouch")
     except ConfigError as err:
         pytest.skip(str(err))
-    reserve_huge_pages(8)  # memtouch's 8 MiB of memfd-hugetlb; the cell is "unavailable" if this fails
-
-
-def reserve_huge_pages(n: int) -> None:
-    """Grow the 2 MiB huge page pool to N free pages when we may (root); never shrink it."""
-    try:
-        with open("/proc/meminfo") as f:
-            free = next(int(line.split()[1]) for line in f if line.startswith("HugePages_Free:"))
-        if free < n and os.geteuid() == 0:
-            with open("/proc/sys/vm/nr_hugepages") as f:
-                total = int(f.read())
-            with open("/proc/sys/vm/nr_hugepages", "w") as f:
-                f.write(str(total + n - free))
-    except (OSError, StopIteration, ValueError):
-        pass
 
 
 @pytest.mark.parametrize("kind", ["normal", "protected"])

@@ -37,7 +37,7 @@ EXAMPLE_PLACEHOLDERS = {Placeholder.TMP: "/tmp/x", Placeholder.DISK: "/var/tmp/x
 
 
 @pytest.fixture(scope="module")
-def facts(kvm_device, request):
+def facts(kvm_device, huge_pages, request):  # huge_pages: pkvm-hugetlb's 4 free pages
     if machine_name() == "x86_64":
         request.getfixturevalue("x86_firmware")  # built (make -C firmware/x86_64)
     return HostFacts(kvm_device)

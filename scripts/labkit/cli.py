@@ -1,16 +1,17 @@
 """The emulated arm64 lab: an arm64 host with EL2 under QEMU (TCG), running Debian's Linux 7.2 with
 kvm-arm.mode=protected, with Python and pyvmm inside.  Built only from Debian and PyPI packages.
 
-    scripts/lab run [--no-protected] [--kernel NAME] -- COMMAND...
+    scripts/lab run [--no-protected] [--kernel NAME] [--append WORDS] -- COMMAND...
                                     boot the lab, run COMMAND in the project dir, return its status
-    scripts/lab test [--kernel NAME] [PYTEST-ARGS...]   run the test suite inside the lab
+    scripts/lab test [--kernel NAME] [--append WORDS] [PYTEST-ARGS...]   run the test suite inside the lab
     scripts/lab build [--kernel NAME]                   build what is missing and stop
     scripts/lab shell [--kernel NAME]                   an interactive shell inside the lab
     scripts/lab kernels                                 the kernels it can build (scripts/labkit/kernels/)
 
 --kernel NAME boots a host kernel built from sid's linux-source with scripts/labkit/kernels/NAME.config
 (allnoconfig plus that fragment, and the patches in kernels/NAME/) instead of Debian's; e.g. dma-heaps:
-KVM/pKVM plus the system and CMA DMA-buf heaps and udmabuf.
+KVM/pKVM plus the system and CMA DMA-buf heaps and udmabuf.  --append WORDS adds to the host's command line,
+e.g. cma_heap.android66_vma=1: the dma-heaps kernel's CMA heap then maps as the crosvm report's kernel did.
 
 What it builds is cached under .cache/lab and rebuilt only when its inputs change: QEMU 10 and the
 cross tools (Debian bookworm-backports, installed with apt; the machine's other packages are not
@@ -48,10 +49,10 @@ def build_all(host_kernel: str | None = None) -> tuple[str, str, list[str]]:
 
 
 def boot_lab(command: list[str], protected: bool = True, interactive: bool = False, timeout: float = 3000,
-             kernel: str | None = None) -> int:
+             kernel: str | None = None, append: str = "") -> int:
     with one_lab_at_a_time():  # builds included: two runs must not rebuild the same cache at once
         image, extra, parts = build_all(kernel)
-        return boot(image, parts, command, protected, interactive, timeout, extra_cmdline=extra)
+        return boot(image, parts, command, protected, interactive, timeout, extra_cmdline=f"{extra} {append}".strip())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,13 +61,16 @@ def main(argv: list[str] | None = None) -> int:
                                      epilog=__doc__.split("\n\n", 1)[1])
     sub = parser.add_subparsers(dest="cmd", required=True)
     kernel_help = "boot this host kernel (scripts/labkit/kernels/NAME.config) instead of Debian's"
+    append_help = "add these words to the host kernel's command line"
     r = sub.add_parser("run", help="run a command inside the lab")
     r.add_argument("--no-protected", action="store_true", help="boot the host with kvm-arm.mode=nvhe instead")
     r.add_argument("--timeout", type=float, default=3000, help="give up after this many seconds")
     r.add_argument("--kernel", metavar="NAME", help=kernel_help)
+    r.add_argument("--append", metavar="WORDS", default="", help=append_help)
     r.add_argument("command", nargs=argparse.REMAINDER)
     t = sub.add_parser("test", help="run the test suite inside the lab")
     t.add_argument("--kernel", metavar="NAME", help=kernel_help)
+    t.add_argument("--append", metavar="WORDS", default="", help=append_help)
     t.add_argument("pytest_args", nargs=argparse.REMAINDER)
     b = sub.add_parser("build", help="build what is missing")
     b.add_argument("--kernel", metavar="NAME", help="also build this host kernel")
@@ -87,8 +91,9 @@ def main(argv: list[str] | None = None) -> int:
         return boot_lab(["sh"], interactive=True, kernel=args.kernel)
     if args.cmd == "test":
         return boot_lab(["python3", "-m", "pytest", "-p", "no:cacheprovider", *(args.pytest_args or ["tests"])],
-                        kernel=args.kernel)
+                        kernel=args.kernel, append=args.append)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         parser.error("run needs a COMMAND (scripts/lab run -- COMMAND...)")
-    return boot_lab(command, protected=not args.no_protected, timeout=args.timeout, kernel=args.kernel)
+    return boot_lab(command, protected=not args.no_protected, timeout=args.timeout, kernel=args.kernel,
+                    append=args.append)

@@ -23,7 +23,7 @@ from ...kvm.vcpu import VcpuFd
 from ...loader import EM_AARCH64, is_elf, load_elf, load_flat, read_image
 from ...memory.regions import MemoryRules
 from ...outcome import ExitKind, Outcome
-from ...preflight import RuleAnswer
+from ...preflight import RuleAnswer, bad_page_map_answer
 from .. import RegisterDump
 from ...virtio import DMA_POOL_ALIGN, DmaPool, VirtioSlot, default_dma_pool
 from . import cpu, fdt, gic, layout, linux, pkvm
@@ -148,8 +148,9 @@ class Arm64:
     def predict_first_run(self, vm, slots) -> list[RuleAnswer]:
         if vm.protected:
             return pkvm.predict_first_run(vm, slots)
-        return [RuleAnswer(None, "a normal VM's stage-2 faults are resolved by KVM without pinning "
-                                 "(user_mem_abort follows PFN mappings too): every backing runs")]
+        return [a for a in map(bad_page_map_answer, slots) if a] or [
+            RuleAnswer(None, "a normal VM's stage-2 faults are resolved by KVM without pinning "
+                             "(user_mem_abort follows PFN mappings too): every backing runs")]
 
     def load_pvmfw(self, vm, path: str) -> int:
         """Android's pKVM ABI: put pvmfw in its own memslot and tell KVM its IPA (KVM_CAP_ARM_PROTECTED_VM,

@@ -39,7 +39,7 @@ from ...hostinfo import MemlockInfo, kvm_arm_mode
 from ...kvm import uapi
 from ...kvm.errors import ConfigError, KvmError, MissingFeature, PrivatePageError
 from ...memory.regions import pages
-from ...preflight import RuleAnswer
+from ...preflight import RuleAnswer, bad_page_map_answer
 
 if TYPE_CHECKING:
     from ...kvm.system import Kvm
@@ -142,6 +142,9 @@ def predict_stage2(s: "SlotInfo") -> RuleAnswer:
     """pkvm_mem_abort's answer for a page of slot S, from the host's facts about its mapping (VmFlags from
     /proc/self/smaps, the backing's nature): the order is the kernel's (pin_user_pages, then the swap-backed
     check).  Unknown facts predict success and say so."""
+    bad_map = bad_page_map_answer(s)
+    if bad_map:
+        return bad_map
     if _pfn_mapped(s):
         flags = " ".join(sorted(s.vmflags & {"pf", "io"})) or "per the backing"
         return RuleAnswer(errno_mod.EFAULT,
@@ -159,7 +162,10 @@ def predict_stage2(s: "SlotInfo") -> RuleAnswer:
 
 # --- faults -------------------------------------------------------------------------------
 def _pfn_mapped(s: "SlotInfo") -> bool:
-    return bool(s.nature.get("pfn_mapped")) or bool(s.vmflags & {"pf", "io"})
+    """VM_PFNMAP/VM_IO: the VMA's flags where /proc/self/smaps showed them, else the backing's own word."""
+    if s.vmas:
+        return bool(s.vmflags & {"pf", "io"})
+    return bool(s.nature.get("pfn_mapped"))
 
 
 def _not_swap_backed(s: "SlotInfo") -> bool:

@@ -16,7 +16,7 @@ from ...kvm.vcpu import VcpuFd
 from ...loader import EM_X86_64, is_elf, load_elf, load_flat, read_image
 from ...memory.regions import MemoryRules
 from ...outcome import ExitKind, Outcome
-from ...preflight import RuleAnswer
+from ...preflight import RuleAnswer, bad_page_map_answer
 from ...virtio import VirtioSlot
 from .. import RegisterDump
 from . import cpu, layout, linux
@@ -154,8 +154,9 @@ class X86_64:
         pass
 
     def predict_first_run(self, vm, slots) -> list[RuleAnswer]:
-        return [RuleAnswer(None, "an x86 VM's EPT faults are resolved by KVM without long-term pinning: "
-                                 "every backing runs")]
+        return [a for a in map(bad_page_map_answer, slots) if a] or [
+            RuleAnswer(None, "an x86 VM's EPT faults are resolved by KVM without long-term pinning: every "
+                             "backing runs")]
 
     def registers(self, vcpu: VcpuFd) -> RegisterDump:
         return cpu.registers(vcpu)
