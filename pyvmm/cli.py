@@ -193,6 +193,18 @@ def add_scenario_parser(sub) -> None:
                      help="run every scenario and print a table: scenario, expected, observed, verdict")
     run.add_argument("--json", action="store_true", help="machine-readable output (the scenario, the observation, "
                                                          "the verdict; a list with --all)")
+    export = actions.add_parser(
+        "export", help="write one scenario as a standalone C reproducer (arm64)",
+        description="Write scenario NAME as one C file that needs neither Python nor pyvmm: it sets the same arm64 "
+                    "VM up with the same memslots, backings, guest and steps, prints the guest's console, the errno "
+                    "and exit reason, and ends with EXPECTED: and RESULT: lines (exit status 0 when they match, 1 "
+                    "when not, 77 when the host lacks something), for a kernel developer to attach to a bug report.  "
+                    "Its head comment says how to build it (aarch64-linux-gnu-gcc, Linux 7.2's uapi headers).  "
+                    "Host-dependent parts are fixed: {tmp} files go in /tmp, {disk} files in /var/tmp, the CMA heap "
+                    "is default_cma_region.",
+        epilog="exit status: 0 written, 2 bad input or a scenario C cannot reproduce (the reason is printed)")
+    export.add_argument("name", metavar="NAME", help="the scenario (pyvmm scenario list names them)")
+    export.add_argument("--c", dest="c_file", metavar="FILE", required=True, help="the C file to write ('-': stdout)")
 
 
 def parse_disk(text: str) -> tuple[str, bool]:
@@ -378,6 +390,8 @@ def cmd_scenario(args) -> int:
     from . import scenarios
     from .scenarios import text
 
+    if args.scenario_command == "export":
+        return _export_scenario(scenarios.find(args.name), args.c_file)
     facts = scenarios.HostFacts(args.kvm_device)
     if args.scenario_command == "list":
         listed = scenarios.scenarios()
@@ -397,6 +411,25 @@ def cmd_scenario(args) -> int:
     if any(r.verdict is scenarios.Verdict.MISMATCH for r in results):
         return EXIT_FAULT
     return EXIT_BAD_INPUT if not args.all and results[0].verdict is scenarios.Verdict.SKIPPED else 0
+
+
+def _export_scenario(scenario, path: str) -> int:
+    from .cexport import export_c
+    from .scenarios.export import to_c
+
+    if path != "-":
+        check_output_path(path, "C file")
+    text = export_c(to_c(scenario))
+    if path == "-":
+        sys.stdout.write(text)
+        return 0
+    try:
+        with open(path, "w") as f:
+            f.write(text)
+    except OSError as err:
+        raise ConfigError(f"C file {path}: {err.strerror}") from None
+    print(f"pyvmm: wrote {path} ({scenario.name}: {len(text.splitlines())} lines)", file=sys.stderr)
+    return 0
 
 
 EXIT_UNAVAILABLE = 3
