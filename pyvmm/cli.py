@@ -23,7 +23,7 @@ from devices.virtio.net import parse_mac
 
 from .caps import format_caps, probe
 from .kvm import Kvm
-from .kvm.errors import ConfigError, PyvmmError
+from .kvm.errors import ConfigError, MissingFeature, PyvmmError
 from .memory.backing import BackingSpec
 from .outcome import ExitKind, Outcome
 from .terminal import ESCAPE_HELP, StdinForwarder
@@ -436,13 +436,18 @@ EXIT_UNAVAILABLE = 3
 
 
 def cmd_check(args) -> int:
-    from .preflight import RegionSpec, Verdict, check, format_prediction
+    from .preflight import Prediction, RegionSpec, Verdict, check, format_prediction
 
     BackingSpec.parse(args.backing)  # bad input is a usage error, before any VM exists
     regions = [RegionSpec(None, parse_size(args.memory), args.backing)]
     regions += [RegionSpec(gpa, size, str(spec)) for gpa, size, spec in (parse_region(r) for r in args.region)]
-    with Kvm(args.kvm_device) as kvm:
-        prediction = check(args.protected, regions, args.vcpus, kvm=kvm)
+    try:
+        kvm = Kvm(args.kvm_device)
+    except MissingFeature as err:  # no KVM here at all: the host cannot make it
+        prediction = Prediction(Verdict.UNAVAILABLE, reasons=[str(err)])
+    else:
+        with kvm:
+            prediction = check(args.protected, regions, args.vcpus, kvm=kvm)
     print(json.dumps(prediction.to_dict(), indent=2) if args.json else format_prediction(prediction))
     return {Verdict.RUNS: 0, Verdict.UNAVAILABLE: EXIT_UNAVAILABLE}.get(prediction.verdict, EXIT_FAULT)
 

@@ -124,7 +124,7 @@ def format_table(cells: list[Cell], width: int = 100) -> str:
             c = by_kind.get(k)
             if c is None:
                 line.append("")
-            elif c.observed.verdict is Verdict.UNAVAILABLE:
+            elif c.observed.verdict is Verdict.UNAVAILABLE and c.agree:
                 line.append("unavailable")
             else:
                 mark = "" if c.agree else "   <-- MISMATCH"

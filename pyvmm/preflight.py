@@ -32,6 +32,7 @@ class RuleAnswer:
 
     errno: int | None
     reason: str
+    slot: int | None = None  # the memslot it is about (None: the VM as a whole, e.g. RLIMIT_MEMLOCK)
 
 
 def pfns_without_pfnmap(s: "SlotInfo") -> bool:
@@ -49,7 +50,7 @@ def bad_page_map_answer(s: "SlotInfo") -> RuleAnswer | None:
     return RuleAnswer(errno_mod.EFAULT,
                       f"slot {s.slot} ({s.backing}): its backing inserts raw PFNs but the VMA is not VM_PFNMAP/VM_IO "
                       f"(VmFlags {' '.join(sorted(s.vmflags))}): GUP walks into the special PTEs, vm_normal_page() "
-                      "logs 'BUG: Bad page map' and the stage-2 fault fails with EFAULT")
+                      "logs 'BUG: Bad page map' and the stage-2 fault fails with EFAULT", s.slot)
 
 
 class Verdict(enum.Enum):
@@ -69,7 +70,7 @@ class Prediction:
 
     def summary(self) -> str:
         """One cell of a table: "runs", "EFAULT (KVM_RUN)", "refused", "unavailable"."""
-        if self.verdict is Verdict.FAILS:
+        if self.verdict is Verdict.FAILS and self.errno:
             return f"{self.errno} ({self.call})"
         return self.verdict.value
 
@@ -101,13 +102,18 @@ def predict(vm: "Vm") -> Prediction:
     if smaps_error:
         facts["smaps_error"] = smaps_error
     answers = vm.arch.predict_first_run(vm, slots)
-    failing = [a for a in answers if a.errno is not None]
-    reasons = [a.reason for a in failing] or [a.reason for a in answers]
+    ram = next((s.slot for s in slots if s.gpa <= vm.arch.ram_base < s.gpa + s.size),
+               min(slots, key=lambda s: s.gpa).slot if slots else None)
+    decisive = [a for a in answers if a.slot is None or a.slot == ram]  # the guest starts in its RAM
+    failing = [a for a in decisive if a.errno is not None]
+    elsewhere = [f"if the guest touches slot {a.slot}: {_errno_name(a.errno)}: {a.reason}"
+                 for a in answers if a not in decisive and a.errno is not None]
     if not failing:
-        return Prediction(Verdict.RUNS, reasons=reasons or ["a normal VM's stage-2 faults are resolved by KVM "
-                                                            "without pinning: every backing runs"], facts=facts)
+        reasons = [a.reason for a in decisive] or ["every backing runs"]
+        return Prediction(Verdict.RUNS, reasons=reasons + elsewhere, facts=facts)
     first = failing[0]  # the arch orders them: what the guest meets first
-    return Prediction(Verdict.FAILS, _errno_name(first.errno), "KVM_RUN", reasons, facts)
+    return Prediction(Verdict.FAILS, _errno_name(first.errno), "KVM_RUN", [a.reason for a in failing] + elsewhere,
+                      facts)
 
 
 @dataclass(frozen=True)

@@ -544,6 +544,9 @@ def build_report(vm: "Vm", vcpu: "VcpuFd | None", what: str, *, call: str | None
     if report.fault_gpa is not None:
         region = vm.memory.find(report.fault_gpa)
         report.faulting_slot = region.slot if region else None
+    # the kernel log first: reading /proc/self/smaps walks every mapping, and a mapping of raw PFNs without
+    # VM_PFNMAP makes that walk log 'BUG: Bad page map' itself, which must not pass for the fault's
+    _collect_kernel_log(report, vm, tids)
     report.slots, report.smaps_error = slot_infos(vm)
     report.forced_pages = sorted(p * hostmem.PAGE_SIZE for p in vm.memory.forced_pages)
     if report.faulting_slot is None and report.fault_gpa is None and report.vm_kind == "protected":
@@ -566,7 +569,6 @@ def build_report(vm: "Vm", vcpu: "VcpuFd | None", what: str, *, call: str | None
     console = getattr(vm, "console", None)
     if console is not None:
         report.console_tail = console.text().splitlines()[-CONSOLE_LINES:]
-    _collect_kernel_log(report, vm, tids)
     report.likely_cause = likely_causes(report)
     return report
 

@@ -94,8 +94,14 @@ def test_udmabuf_memfd_mapping_shares_pages_with_the_dmabuf():
         backing = vm.memory.regions[0].backing
         assert backing.describe() == "udmabuf:memfd" and backing.dmabuf >= 0
         with backing.dmabuf_mmap() as view:
+            (vma,) = hostinfo.vmas_covering(hostinfo.read_smaps(), view.addr, view.size)
+            assert "pf" in vma.vmflags, vma  # the view is the DMA-buf's own (PFN) mapping, not the memfd's
             assert int.from_bytes(view.read(PATTERN_GPA - RAM_BASE, 8), "little") == PATTERN
             view.write(PATTERN_GPA - RAM_BASE, b"DMA-buf!")  # and back: the host's write through the DMA-buf
+            with pytest.raises(ValueError, match="outside the 0x800000-byte DMA-buf"):
+                view.read(8 << 20, 1)
+        with pytest.raises(ConfigError, match="mapping is closed"):
+            view.read(0, 8)
         assert vm.memory.read(PATTERN_GPA, 8) == b"DMA-buf!"
 
 

@@ -326,6 +326,27 @@ def test_cli_exit_status_on_a_mismatch(facts, monkeypatch, capsys):
     assert cli.main(["--kvm-device", facts.kvm_path, "scenario", "run", "memslot-overlap"]) == 0
 
 
+def test_a_scenario_that_breaks_is_a_mismatch_and_the_rest_still_run(facts, monkeypatch, capsys):
+    """A step or the confined child failing must not stop --all: that scenario is a MISMATCH, with the reason."""
+    from pyvmm.scenarios import runner
+
+    right = find("memslot-overlap")
+    broken = dataclasses.replace(right, name="memslot-overlap-broken")
+    real_observe = runner.observe
+
+    def observe(scenario, kvm):
+        if scenario.name == broken.name:
+            raise ConfigError("the step could not be done")
+        return real_observe(scenario, kvm)
+
+    monkeypatch.setattr(runner, "observe", observe)
+    monkeypatch.setattr(catalogue, "CATALOGUE", (broken, right))
+    assert cli.main(["--kvm-device", facts.kvm_path, "scenario", "run", "--all"]) == cli.EXIT_FAULT
+    out = capsys.readouterr().out
+    assert "MISMATCH: ConfigError: the step could not be done" in out
+    assert "2 scenarios: 1 match, 1 mismatch, 0 skipped" in out
+
+
 def test_udmabuf_memfd_spelling_is_known_or_its_scenario_says_why(facts):
     """The fix's spelling comes with the udmabuf change; until then its scenario skips with the reason."""
     try:

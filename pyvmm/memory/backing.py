@@ -251,7 +251,7 @@ def _fd_io(fd: int, write: bool, offset: int, buf) -> bool:
 class UdmabufMap(enum.Enum):
     """Which of a udmabuf's two views of the same pages the memslot maps (``udmabuf:dmabuf`` / ``udmabuf:memfd``)."""
 
-    DMABUF = "dmabuf"  # the DMA-buf's mmap: VM_PFNMAP|VM_IO, a protected VM cannot pin it (EFAULT)
+    DMABUF = "dmabuf"  # the DMA-buf's mmap: VM_PFNMAP, a protected VM cannot pin it (EFAULT)
     MEMFD = "memfd"  # the memfd behind it: shmem pages GUP can pin; the DMA-buf fd stays for devices and users
 
 
@@ -259,14 +259,14 @@ class UdmabufBacking(Backing):
     """A DMA-buf made from a sealed memfd with ``UDMABUF_CREATE``.
 
     ``map=UdmabufMap.DMABUF`` (the default, ``udmabuf`` or ``udmabuf:dmabuf``): the slot maps the DMA-buf itself.
-    Its mmap inserts PFNs (the VMA is VM_PFNMAP|VM_IO), which is what makes it interesting: a protected VM
+    Its mmap inserts PFNs (the VMA is VM_PFNMAP), which is what makes it interesting: a protected VM
     cannot pin such pages.  ``map=UdmabufMap.MEMFD`` (``udmabuf:memfd``): the slot maps the memfd the DMA-buf
     was made from -- the fix the DMA-buf maintainers proposed for the crosvm report -- and ``dmabuf`` stays
     open for whoever needs the buffer as a DMA-buf (``dmabuf_mmap()``: the same pages through the DMA-buf).
     """
 
     kind = BackingKind.UDMABUF
-    pfn_mapped = True  # by default (map=DMABUF): udmabuf's mmap inserts PFNs (vmf_insert_pfn), VM_PFNMAP|VM_IO
+    pfn_mapped = True  # by default (map=DMABUF): udmabuf's mmap inserts PFNs (vmf_insert_pfn), VM_PFNMAP
     swap_backed = True  # the pages are the memfd's (shmem); through the DMA-buf mapping GUP never reaches them
 
     def _create(self, device: str = UDMABUF_DEVICE, map: UdmabufMap = UdmabufMap.DMABUF) -> None:
@@ -290,7 +290,12 @@ class UdmabufBacking(Backing):
         return _fd_io(self.memfd, write, offset, buf) if self.pfn_mapped else False
 
     def dmabuf_mmap(self) -> "DmabufMapping":
-        """A CPU mapping of the DMA-buf (``with backing.dmabuf_mmap() as m: m.read(offset, n)``), closed on exit."""
+        """A CPU mapping of the DMA-buf (``with backing.dmabuf_mmap() as m: m.read(offset, n)``), closed on exit.
+
+        It is the host's access to the pages: never to a protected guest's private pages once it has run
+        (pKVM injects an abort into the host), only to what the guest shared."""
+        if not self.hva:
+            raise ConfigError("udmabuf: the backing is closed")
         return DmabufMapping(self.dmabuf, self.size)
 
     def describe(self) -> str:
@@ -305,15 +310,25 @@ class DmabufMapping:
     bracket the DMA-buf API asks for), unmapped on ``close()``."""
 
     def __init__(self, dmabuf: int, size: int):
-        self.fd, self.size = dmabuf, size
-        self.addr = hostmem.mmap_fd(dmabuf, size)
+        self.size = size
+        self.fd = os.dup(dmabuf)  # its own: closing the backing first cannot leave SYNC on a reused fd number
+        try:
+            self.addr = hostmem.mmap_fd(self.fd, size)
+        except BaseException:
+            os.close(self.fd)
+            raise
 
     def _sync(self, flags: int) -> None:
         ioctl(self.fd, "DMA_BUF_IOCTL_SYNC", DMA_BUF_IOCTL_SYNC, dma_buf_sync(flags=flags))
 
-    def read(self, offset: int, length: int) -> bytes:
+    def _check(self, offset: int, length: int) -> None:
+        if not self.addr:
+            raise ConfigError("the DMA-buf mapping is closed")
         if offset < 0 or length < 0 or offset + length > self.size:
             raise ValueError(f"[{offset:#x}, +{length:#x}) is outside the {self.size:#x}-byte DMA-buf")
+
+    def read(self, offset: int, length: int) -> bytes:
+        self._check(offset, length)
         self._sync(DMA_BUF_SYNC_START | DMA_BUF_SYNC_READ)
         try:
             return ctypes.string_at(self.addr + offset, length)
@@ -321,8 +336,7 @@ class DmabufMapping:
             self._sync(DMA_BUF_SYNC_END | DMA_BUF_SYNC_READ)
 
     def write(self, offset: int, data: bytes) -> None:
-        if offset < 0 or offset + len(data) > self.size:
-            raise ValueError(f"[{offset:#x}, +{len(data):#x}) is outside the {self.size:#x}-byte DMA-buf")
+        self._check(offset, len(data))
         self._sync(DMA_BUF_SYNC_START | DMA_BUF_SYNC_WRITE)
         try:
             ctypes.memmove(self.addr + offset, data, len(data))
@@ -331,8 +345,9 @@ class DmabufMapping:
 
     def close(self) -> None:
         addr, self.addr = self.addr, 0
-        if addr:
-            hostmem.munmap(addr, self.size)
+        fd, self.fd = self.fd, -1
+        close_all([*([lambda: hostmem.munmap(addr, self.size)] if addr else []),
+                   *([lambda: os.close(fd)] if fd >= 0 else [])])
 
     def __enter__(self):
         return self

@@ -58,7 +58,7 @@ PKVM_UDMABUF = protected_memtouch(
         "A protected VM's memory is handed to the guest page by page: on the guest's first access to a page, "
         "kvm_handle_guest_abort calls pkvm_mem_abort, which charges the page to RLIMIT_MEMLOCK and pins it with "
         "pin_user_pages(FOLL_LONGTERM) before donating it to the guest. udmabuf's own mmap (the DMA-buf's CPU "
-        "mapping) inserts raw PFNs (vmf_insert_pfn): the VMA is VM_PFNMAP|VM_IO and its PTEs are special, so GUP's "
+        "mapping) inserts raw PFNs (vmf_insert_pfn): the VMA is VM_PFNMAP and its PTEs are special, so GUP's "
         "check_vma_flags refuses it, pin_user_pages returns no page and pkvm_mem_abort returns -EFAULT: the first "
         "KVM_RUN fails with EFAULT. arm64 names no address for this fault (no KVM_EXIT_MEMORY_FAULT), so pyvmm "
         "infers the slot: the only PFN-mapped one. The same slot runs on a normal VM (normal-udmabuf). This is the "
@@ -197,13 +197,14 @@ PKVM_DMA_HEAP_CMA = protected_memtouch(
     backing="dma-heap:{cma_heap}",
     answer=fault_in_slot_0("EFAULT"),
     explanation=(
-        "The report's own setup: guest RAM from the CMA heap (a CMA area, e.g. cma=64M). The CMA heap's mapping is "
-        "filled by its fault handler, cma_heap_vm_fault, which inserts PFNs (vmf_insert_pfn): special PTEs, which "
-        "GUP never turns into pages, so pin_user_pages in pkvm_mem_abort gets no page and KVM_RUN fails with "
-        "EFAULT. In the report (Android's 6.6 kernel) the heap's VMA was not VM_PFNMAP, so GUP walked into the "
-        "special PTE and the kernel logged 'BUG: Bad page map' (vm_normal_page, from pin_user_pages in "
-        "pkvm_mem_abort) before failing the same way. The DMA-buf maintainers refused to make these pages "
-        "pinnable (see pkvm-udmabuf-memfd)."),
+        "The report's own setup: guest RAM from the CMA heap (a CMA area, e.g. cma=64M). Linux 7.2's CMA heap marks "
+        "its mapping VM_IO|VM_PFNMAP (cma_heap_mmap) and fills it from its fault handler, cma_heap_vm_fault, with "
+        "raw PFNs (vmf_insert_pfn): GUP's check_vma_flags refuses the VMA before looking at any PTE, so "
+        "pin_user_pages in pkvm_mem_abort gets no page and KVM_RUN fails with EFAULT. In the report (Android's 6.6 "
+        "kernel) the heap's VMA was not VM_PFNMAP, so GUP walked into the special PTEs and the kernel logged 'BUG: "
+        "Bad page map' (vm_normal_page, from pin_user_pages in pkvm_mem_abort) before failing the same way: the "
+        "lab's dma-heaps kernel shows that with cma_heap.android66_vma=1 (tests/test_bad_page_map.py). The DMA-buf "
+        "maintainers refused to make these pages pinnable (see pkvm-udmabuf-memfd)."),
 )
 
 NISV_READONLY_WRITEBACK = Scenario(

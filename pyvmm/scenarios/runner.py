@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 
 from ..firmware import firmware_path
 from ..kvm import Kvm
-from ..kvm.errors import ConfigError, KvmError, MissingFeature
+from ..kvm.errors import ConfigError, KvmError, MissingFeature, PyvmmError
 from ..memory.backing import BackingSpec
 from ..memory.regions import MemoryRegion
 from ..outcome import Outcome
@@ -70,6 +70,7 @@ class Result:
     observation: Observation | None = None
     skipped: str | None = None  # why it could not run here
     matched: str | None = None  # "expected", or the alternative's hosts
+    error: str | None = None  # the scenario itself failed (a step, the confined child): a MISMATCH
 
 
 class RunContext:
@@ -230,5 +231,7 @@ def run_scenario(scenario: Scenario, facts: HostFacts) -> Result:
                 observation = observe(scenario, kvm)
     except MissingFeature as err:
         return Result(scenario, Verdict.SKIPPED, skipped=str(err))
+    except PyvmmError as err:  # one broken scenario must not stop --all: it is a mismatch, with the reason
+        return Result(scenario, Verdict.MISMATCH, error=f"{type(err).__name__}: {err}")
     matched = scenario.expected.match(observation.answer, bool(observation.refusals))
     return Result(scenario, Verdict.MATCH if matched else Verdict.MISMATCH, observation, matched=matched)

@@ -73,6 +73,8 @@ def _columns(rows: list[tuple[str, ...]]) -> list[str]:
 def verdict_text(result: Result) -> str:
     if result.verdict is Verdict.SKIPPED:
         return f"skipped: {result.skipped}"
+    if result.error:
+        return f"{result.verdict.value}: {result.error}"
     return result.verdict.value
 
 
@@ -107,7 +109,9 @@ def result_text(result: Result, machine: str) -> str:
         out.append(_paragraph(f"or, on {alt.hosts}: {alt.answer.text()} ({alt.why})", "  "))
     out.append("observed:")
     obs = result.observation
-    if obs is None:
+    if result.error:
+        out.append(_paragraph(f"the scenario failed: {result.error}", "  "))
+    elif obs is None:
         out.append("  (not run)")
     else:
         out += [_paragraph(f"pyvmm refused: {r}", "  ") for r in obs.refusals]
@@ -156,7 +160,7 @@ def scenario_dict(scenario: Scenario, machine: str) -> dict:
 
 def result_dict(result: Result, machine: str) -> dict:
     return {"scenario": scenario_dict(result.scenario, machine), "verdict": result.verdict.value,
-            "skipped": result.skipped, "matched": result.matched,
+            "skipped": result.skipped, "matched": result.matched, "error": result.error,
             "observed": result.observation.to_dict() if result.observation else None}
 
 

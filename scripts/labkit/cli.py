@@ -78,6 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     sh.add_argument("--kernel", metavar="NAME", help=kernel_help)
     sub.add_parser("kernels", help="list the kernels the lab can build")
     args = parser.parse_args(argv)
+    if getattr(args, "kernel", None):  # a mistyped name or a guest kernel: say so now, before building anything
+        r = recipe(args.kernel)
+        if r.role != "host":
+            parser.error(f"--kernel {args.kernel}: a {r.role} kernel ({r.fragment}), not a lab host")
     if args.cmd == "kernels":
         for r in recipes().values():
             extra = f", command line +{r.cmdline!r}" if r.cmdline else ""

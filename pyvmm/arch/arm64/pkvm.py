@@ -39,7 +39,7 @@ from ...hostinfo import MemlockInfo, kvm_arm_mode
 from ...kvm import uapi
 from ...kvm.errors import ConfigError, KvmError, MissingFeature, PrivatePageError
 from ...memory.regions import pages
-from ...preflight import RuleAnswer, bad_page_map_answer
+from ...preflight import RuleAnswer, bad_page_map_answer, pfns_without_pfnmap
 
 if TYPE_CHECKING:
     from ...kvm.system import Kvm
@@ -129,13 +129,19 @@ NISV_REFUSED = ("kvm_pkvm_ext_allowed() hides KVM_CAP_ARM_NISV_TO_USER from prot
 def predict_first_run(vm: "Vm", slots: list["SlotInfo"], memlock: MemlockInfo | None = None) -> list[RuleAnswer]:
     """A protected VM's first KVM_RUN: the RLIMIT_MEMLOCK charge, then each slot's stage-2 fault, RAM (the
     slot the guest starts in) first."""
+    ml = memlock or MemlockInfo.read()
     try:
-        check_memlock(vm, memlock)
-        answers = [RuleAnswer(None, "RLIMIT_MEMLOCK covers the guest's memory (or the VMM has CAP_IPC_LOCK)")]
+        check_memlock(vm, ml)
+        limit = [RuleAnswer(None, "RLIMIT_MEMLOCK covers the guest's memory (or the VMM has CAP_IPC_LOCK)")]
     except ConfigError as err:
-        answers = [RuleAnswer(errno_mod.ENOMEM, str(err))]
+        limit = [RuleAnswer(errno_mod.ENOMEM, str(err))]
     ram_first = sorted(slots, key=lambda s: (s.gpa != vm.arch.ram_base, s.gpa))
-    return answers + [predict_stage2(s) for s in ram_first]
+    pages = [predict_stage2(s) for s in ram_first]
+    # account_locked_vm charges one page at a time, before the pin: below one page, the very first fault is
+    # ENOMEM; above it, the first page is charged and the slot's own rule answers first
+    if limit[0].errno and (ml.rlimit_soft or 0) < hostmem.PAGE_SIZE:
+        return limit + pages
+    return pages + limit
 
 
 def predict_stage2(s: "SlotInfo") -> RuleAnswer:
@@ -147,17 +153,16 @@ def predict_stage2(s: "SlotInfo") -> RuleAnswer:
         return bad_map
     if _pfn_mapped(s):
         flags = " ".join(sorted(s.vmflags & {"pf", "io"})) or "per the backing"
-        return RuleAnswer(errno_mod.EFAULT,
-                              f"slot {s.slot} ({s.backing}) is VM_PFNMAP/VM_IO (VmFlags {flags}): pin_user_pages "
-                              "fails in check_vma_flags, pkvm_mem_abort returns EFAULT")
+        return RuleAnswer(errno_mod.EFAULT, f"slot {s.slot} ({s.backing}) is VM_PFNMAP/VM_IO (VmFlags {flags}): "
+                                            "pin_user_pages fails in check_vma_flags, pkvm_mem_abort returns EFAULT",
+                          s.slot)
     if _not_swap_backed(s):
-        return RuleAnswer(errno_mod.EIO,
-                              f"slot {s.slot} ({s.backing}): {_why_not_swap_backed(s)}; pkvm_mem_abort refuses a "
-                              "folio that is not folio_test_swapbacked() with EIO")
+        return RuleAnswer(errno_mod.EIO, f"slot {s.slot} ({s.backing}): {_why_not_swap_backed(s)}; pkvm_mem_abort "
+                                         "refuses a folio that is not folio_test_swapbacked() with EIO", s.slot)
     if s.nature.get("swap_backed") is None:
-        return RuleAnswer(None, f"slot {s.slot} ({s.backing}): whether its pages are swap-backed is "
-                                            "unknown (the filesystem could not be read); predicted to pin")
-    return RuleAnswer(None, f"slot {s.slot} ({s.backing}): pinnable, swap-backed pages")
+        return RuleAnswer(None, f"slot {s.slot} ({s.backing}): whether its pages are swap-backed is unknown (the "
+                                "filesystem could not be read); predicted to pin", s.slot)
+    return RuleAnswer(None, f"slot {s.slot} ({s.backing}): pinnable, swap-backed pages", s.slot)
 
 
 # --- faults -------------------------------------------------------------------------------
@@ -178,8 +183,9 @@ def infer_faulting_slot(report: "FaultReport") -> tuple[int | None, str | None]:
     gives this errno, name it (and say it was inferred)."""
     err = report.errno
     if err == errno_mod.EFAULT and not report.forced_pages:
-        fits = [s for s in report.slots if _pfn_mapped(s)]
-        why = "inferred: the only VM_PFNMAP/VM_IO slot, and pin_user_pages() fails with EFAULT only there"
+        fits = [s for s in report.slots if _pfn_mapped(s) or pfns_without_pfnmap(s)]
+        why = ("inferred: the only slot of raw PFNs (VM_PFNMAP/VM_IO, or a backing that inserts PFNs), and "
+               "pin_user_pages() fails with EFAULT only there")
     elif err == errno_mod.EIO:
         fits = [s for s in report.slots if _not_swap_backed(s)]
         why = "inferred: the only slot whose pages are not swap-backed (pkvm_mem_abort's EIO)"
