@@ -194,6 +194,8 @@ def patched_source(source: str, r: Recipe, key: str) -> str:
     if stamp_ok(tree, key):
         return tree
     shutil.rmtree(tree, ignore_errors=True)
+    if os.path.exists(tree):  # cp -al would copy into it, not over it
+        sys.exit(f"lab: could not remove {tree}")
     say(f"linking the kernel source for {r.name} and applying {len(r.patches)} patch(es)")
     run(["cp", "-al", source, tree])
     for p in r.patches:
@@ -201,6 +203,11 @@ def patched_source(source: str, r: Recipe, key: str) -> str:
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         if done.returncode:
             sys.exit(f"lab: {os.path.relpath(p, os.getcwd())} does not apply to {SOURCE_PACKAGE}:\n{done.stdout}")
+        with open(p) as f:  # patch writes each file anew; a file still hard-linked would mean the shared tree changed
+            shared = [m for m in re.findall(r"^\+\+\+ b/(\S+)", f.read(), re.M)
+                      if os.stat(os.path.join(tree, m)).st_nlink > 1]
+        if shared:
+            sys.exit(f"lab: patching {r.name} changed files still linked to {source}: {', '.join(shared)}")
     write_stamp(tree, key)
     return tree
 
