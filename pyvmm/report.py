@@ -352,16 +352,20 @@ def likely_causes(report: FaultReport) -> list[str]:
                 causes.append(f"slot {s.slot}: its host mapping is not writable ({s.vmas[0]['perms']}), so a guest "
                               "write there cannot be faulted in")
             path = s.backing_details.get("path")
-            if path and report.fault_gpa is not None:
-                try:
-                    size = os.stat(path).st_size
-                except OSError:
-                    size = None
+            try:
+                size = os.stat(path).st_size if path else None
+            except OSError:
+                size = None
+            if size is not None and report.fault_gpa is not None:
                 offset = report.fault_gpa - s.gpa
-                if size is not None and offset >= size:
+                if offset >= size:
                     causes.append(f"slot {s.slot}: backing file {path} is {size:#x} bytes long, the guest touched "
                                   f"offset {offset:#x} beyond its end: the host page fault there is SIGBUS, so KVM "
                                   "cannot map the page")
+            elif size is not None and size < s.size:  # no fault address (arm64 names none): the file is short
+                causes.append(f"slot {s.slot}: backing file {path} is {size:#x} bytes long, shorter than the "
+                              f"{s.size:#x}-byte slot: a guest access beyond its end is a SIGBUS host page fault, so "
+                              "KVM cannot map the page")
         if not causes and in_slot_mmio:
             causes.append(f"KVM could not access the host page behind guest address {report.fault_gpa:#x} in slot "
                           f"{slot.slot} ({slot.backing}) and treated the access as MMIO")

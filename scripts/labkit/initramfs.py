@@ -27,6 +27,8 @@ EXIT_MARK = "PYVMM-LAB-EXIT="
 INIT = r"""#!/bin/busybox sh
 /bin/busybox --install -s /bin
 export PATH=/usr/local/bin:/usr/bin:/bin:/sbin HOME=/root PYTHONPATH=/opt/pylib PYTHONDONTWRITEBYTECODE=1 NO_COLOR=1 PYTHON_COLORS=0
+# PyPI's fdt has regex strings Python 3.13 warns about when it compiles them (on stderr, in every pyvmm command)
+export PYTHONWARNINGS=ignore::SyntaxWarning
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
 mkdir -p /dev/pts /tmp /root; mount -t tmpfs tmp /tmp
 ulimit -l unlimited
