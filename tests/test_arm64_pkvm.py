@@ -61,7 +61,7 @@ def test_udmabuf_on_protected_vm_is_refused_and_explained(pkvm):
         assert (r.call, r.errno) == ("KVM_RUN", errno.EFAULT)
         assert r.faulting_slot == 0 and r.exit_details["faulting_slot_inferred"]
         # arm64 names no slot for this fault: the report inferred it, and says so in the text and the JSON
-        assert r.faulting_slot_inferred.startswith("inferred: the only VM_PFNMAP/VM_IO slot")
+        assert r.faulting_slot_inferred.startswith("inferred: the only slot of raw PFNs (VM_PFNMAP/VM_IO")
         assert "<-- faulting slot (inferred)" in r.text() and "(slot 0, inferred:" in r.text()
         assert json.loads(r.to_json())["faulting_slot_inferred"] == r.faulting_slot_inferred
         slot = r.slots[0]
