@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 
 from .firmware import firmware_path
 from .kvm.errors import ConfigError, KvmError, MissingFeature
-from .memory.backing import DMA_HEAP_DIR
 from .outcome import ExitKind
 from .preflight import Prediction, RegionSpec, Verdict, check
+from .scenarios.host import dma_heaps
 
 RAM = 8 << 20  # memtouch's RAM: 2 MiB-aligned (hugetlb), above the arm64 minimum
 KINDS = ("normal", "protected")
@@ -27,8 +27,7 @@ RUN_TIMEOUT = 120.0  # seconds for one cell's guest
 def backings_here() -> list[str]:
     """The matrix's rows: every backing kind, with one row per DMA-buf heap this host has (``dma-heap:NAME``);
     ``file`` is a file in a fresh temporary directory.  Kinds this host lacks stay, to show why."""
-    heaps = sorted(os.listdir(DMA_HEAP_DIR)) if os.path.isdir(DMA_HEAP_DIR) else []
-    return BASE_BACKINGS + ([f"dma-heap:{h}" for h in heaps] or ["dma-heap:system"])
+    return BASE_BACKINGS + ([f"dma-heap:{h}" for h in dma_heaps()] or ["dma-heap:system"])
 
 
 @dataclass

@@ -16,7 +16,8 @@ from pyvmm import hostinfo
 from pyvmm.outcome import ExitKind
 from pyvmm.preflight import RegionSpec, Verdict, check
 from tests.arm64 import memtouch, require_arm64_kvm, require_pkvm
-from tests.test_dma_heaps import cma_heap
+from pyvmm.kvm.errors import MissingFeature
+from pyvmm.scenarios.host import cma_heap
 
 SWITCH = "/sys/module/cma_heap/parameters/android66_vma"
 
@@ -31,10 +32,10 @@ def require_android66_heap() -> str:
     if not on:
         pytest.skip(f"needs the lab's dma-heaps kernel booted with cma_heap.android66_vma=1 ({SWITCH}): scripts/lab "
                     "test --kernel dma-heaps --append cma_heap.android66_vma=1 tests/test_bad_page_map.py")
-    heap = cma_heap()
-    if heap is None:
-        pytest.skip("no CMA heap in /dev/dma_heap (a CMA area: cma=64M)")
-    return heap
+    try:
+        return cma_heap()
+    except MissingFeature as err:
+        pytest.skip(str(err))
 
 
 @pytest.mark.timeout(300)

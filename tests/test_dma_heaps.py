@@ -13,36 +13,31 @@ import os
 import pytest
 
 from pyvmm import hostinfo
+from pyvmm.kvm.errors import MissingFeature
+from pyvmm.memory.backing import DMA_HEAP_DIR
 from pyvmm.outcome import ExitKind
+from pyvmm.scenarios.host import cma_heap, dma_heaps
 from tests.arm64 import memtouch, require_arm64_kvm, require_pkvm
 
-HEAP_DIR = "/dev/dma_heap"
 RAM_BASE = 0x8000_0000
 PATTERN_GPA = RAM_BASE + (2 << 20)  # memtouch writes gpa ^ 0x5A17C0DE9E3779B9 every 64 bytes from base + 2 MiB
 
 
-def heaps() -> list[str]:
-    return sorted(os.listdir(HEAP_DIR)) if os.path.isdir(HEAP_DIR) else []
-
-
-def cma_heap() -> str | None:
-    """The CMA heap's name: 7.2 names the default area's heap default_cma_region (or after its reserved-memory
-    node); every heap but "system" here is a CMA heap."""
-    others = [h for h in heaps() if h != "system"]
-    return others[0] if others else None
-
-
 def require_heap(which: str) -> str:
+    """The heap's name (``system``, or the CMA heap as pyvmm's scenarios find it), or skip naming what is missing."""
     require_arm64_kvm()
-    if not os.path.isdir(HEAP_DIR):
-        pytest.skip(f"no {HEAP_DIR}: this kernel lacks CONFIG_DMABUF_HEAPS (the lab's dma-heaps kernel has it: "
+    if not os.path.isdir(DMA_HEAP_DIR):
+        pytest.skip(f"no {DMA_HEAP_DIR}: this kernel lacks CONFIG_DMABUF_HEAPS (the lab's dma-heaps kernel has it: "
                     "scripts/lab test --kernel dma-heaps tests/test_dma_heaps.py)")
-    name = "system" if which == "system" else cma_heap()
-    if name is None or name not in heaps():
-        pytest.skip(f"no {which} heap in {HEAP_DIR} (heaps: {', '.join(heaps()) or 'none'}; "
-                    f"CONFIG_DMABUF_HEAPS_{'SYSTEM' if which == 'system' else 'CMA'}"
-                    f"{'' if which == 'system' else ' and a CMA area, e.g. cma=64M'})")
-    return name
+    if which == "system":
+        if "system" not in dma_heaps():
+            pytest.skip(f"no system heap in {DMA_HEAP_DIR} (heaps: {', '.join(dma_heaps()) or 'none'}; "
+                        "CONFIG_DMABUF_HEAPS_SYSTEM)")
+        return "system"
+    try:
+        return cma_heap()
+    except MissingFeature as err:
+        pytest.skip(str(err))
 
 
 @pytest.mark.parametrize("which", ["system", "cma"])
