@@ -87,6 +87,8 @@ class HostCaps:
     kvm_arm_mode: str | None = None
     protected_vm: ProtectedVmSupport | None = None
     backings: dict[str, str] = field(default_factory=dict)
+    # arm64: per VM kind ("normal", "protected"), per feature (pmu, sve, ptrauth, its, debug): offered, KVM's answer
+    features: dict[str, dict[str, dict]] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -113,7 +115,21 @@ def probe(kvm: Kvm) -> HostCaps:
     caps.protected_vm = protected_vm_support(kvm, arch)
     if arch == "arm64":
         caps.vm_types = ["default"] + (["KVM_VM_TYPE_ARM_PROTECTED"] if caps.protected_vm.available else [])
+        for protected in (False, True) if caps.protected_vm.available else (False,):
+            caps.features["protected" if protected else "normal"] = arm64_feature_offers(kvm, protected)
     return caps
+
+
+def arm64_feature_offers(kvm: Kvm, protected: bool) -> dict[str, dict]:
+    """What KVM offers a fresh VM of this kind, asked on its own fd (pKVM answers less for a protected VM)."""
+    from .arch.arm64 import Arm64, features
+
+    with kvm.create_vm(Arm64().vm_type(kvm, protected, None)) as vm:
+        out = {f.value: {"offered": o.offered, "answer": o.answer} for f, o in features.offers(vm).items()}
+        debug = {name: vm.check_extension(getattr(uapi, name)) for name in features.DEBUG_CAPS}
+    out["debug"] = {"offered": bool(debug["KVM_CAP_SET_GUEST_DEBUG"]),
+                    "answer": ", ".join(f"{n} = {v}" for n, v in debug.items())}
+    return out
 
 
 def format_caps(caps: HostCaps) -> str:
@@ -133,6 +149,16 @@ def format_caps(caps: HostCaps) -> str:
         out.append(f"IPA size: up to {caps.ipa_bits} bits; kvm-arm.mode={caps.kvm_arm_mode or '(default)'}")
     pv = caps.protected_vm
     out.append(f"protected VMs: {'yes, ' + pv.abi + ' ABI' if pv.available else 'no'} ({pv.reason})")
+    if caps.features:
+        kinds = list(caps.features)
+        out.append("arm64 features by VM type (KVM_CHECK_EXTENSION on a fresh VM of each type; pyvmm run turns on "
+                   "what is offered, --cpu-features switches):")
+        out.append("  " + f"{'feature':<9}" + "".join(f"{k:<11}" for k in kinds) + "what KVM answered")
+        for name in caps.features[kinds[0]]:
+            cells = "".join(f"{'yes' if caps.features[k][name]['offered'] else 'no':<11}" for k in kinds)
+            answers = " | ".join(f"{k}: {caps.features[k][name]['answer']}" for k in kinds) if len(kinds) > 1 \
+                else caps.features[kinds[0]][name]["answer"]
+            out.append(f"  {name:<9}{cells}{answers}")
     out.append("memory backings:")
     for name, state in caps.backings.items():
         out.append(f"  {name:<16} {state}")

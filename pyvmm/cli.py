@@ -125,8 +125,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-t", "--timeout", type=_timeout, default=None, help="stop the guest after this many seconds")
     run.add_argument("--report-json", metavar="FILE", help="write the outcome and any fault report as JSON")
     run.add_argument("--boot", default="auto", help="x86_64: auto, real, long or linux (default auto)")
-    run.add_argument("--cmdline", default=None, help="kernel command line (Linux images)")
-    run.add_argument("--initrd", default=None, help="initial ramdisk (Linux images)")
+    run.add_argument("--cmdline", default=None,
+                     help="boot arguments: arm64 puts them in the device tree's /chosen/bootargs for every image "
+                          "(Linux default: console=ttyS0 earlycon); x86_64 passes them to Linux only")
+    run.add_argument("--initrd", default=None,
+                     help="initial ramdisk: arm64 loads it after any image and names it in /chosen "
+                          "(linux,initrd-start/end); x86_64 passes it to Linux only")
+    run.add_argument("--cpu-features", metavar="LIST",
+                     help="arm64: turn vCPU/GIC features on or off, e.g. pmu=off,sve=on (pmu, sve, ptrauth, its; "
+                          "default: every one KVM offers the VM's type, as pyvmm caps lists; asking for one the VM "
+                          "type is not offered is an error)")
+    run.add_argument("--sve-vector-lengths", metavar="BITS,...",
+                     help="arm64: the SVE vector lengths (e.g. 128,256; default: all that KVM offers)")
     run.add_argument("--dma-pool", metavar="SIZE", type=_pool_size, default=None,
                      help="arm64: guest RAM for the restricted DMA pool every virtio device is confined to on a "
                           "protected VM (default with --protected: 8M, or an eighth of RAM if less; else none; 0: none)")
@@ -318,6 +328,16 @@ def stop_on_signals(vm_box: list):
             signal.signal(sig, old)
 
 
+def _feature_request(args):
+    """--cpu-features and --sve-vector-lengths -> arm64's FeatureRequest (None when neither is given)."""
+    if args.cpu_features is None and args.sve_vector_lengths is None:
+        return None
+    from .arch.arm64.features import FeatureRequest, parse_features, parse_vector_lengths
+
+    return FeatureRequest(parse_features(args.cpu_features) if args.cpu_features is not None else {},
+                          parse_vector_lengths(args.sve_vector_lengths) if args.sve_vector_lengths is not None else None)
+
+
 def cmd_run(args) -> int:
     memory = parse_size(args.memory)
     backing = BackingSpec.parse(args.backing)
@@ -328,16 +348,18 @@ def cmd_run(args) -> int:
         check_output_path(args.console_file, "--console-file")
     if args.report_json is not None:
         check_output_path(args.report_json, "--report-json")
-    boot_opts = {"mode": args.boot}
+    feature_request = _feature_request(args)
+    boot_opts = {"mode": args.boot, "console": args.console}
     for key in ("cmdline", "initrd", "pvmfw"):
         if getattr(args, key) is not None:
             boot_opts[key] = getattr(args, key)
-    if args.console == "virtio" and args.cmdline is None:
-        boot_opts["cmdline"] = "console=hvc0 earlycon"
     vm_box: list = []
     with stop_on_signals(vm_box), Kvm(args.kvm_device) as kvm, \
-            Vm(protected=args.protected, kvm=kvm, ipa_bits=args.ipa_bits, dma_pool=args.dma_pool) as vm:
+            Vm(protected=args.protected, kvm=kvm, ipa_bits=args.ipa_bits, dma_pool=args.dma_pool,
+               cpu_features=feature_request) as vm:
         vm_box.append(vm)
+        if vm.cpu_features is not None:
+            logging.getLogger("pyvmm.features").info("%s VM: %s", vm.kind, "; ".join(vm.cpu_features.describe()))
         if args.console_file is not None:
             vm.console.echo, close_console = file_echo(args.console_file)
             vm.on_close.append(close_console)

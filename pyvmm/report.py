@@ -109,6 +109,7 @@ class FaultReport:
     likely_cause: list[str] = field(default_factory=list)
     dma_pool: dict | None = None  # {"gpa", "size"}: the memory a protected guest shares with its devices
     device_faults: list[dict] = field(default_factory=list)  # devices' refused accesses (Outcome.device_faults)
+    cpu_features: list[str] = field(default_factory=list)  # arm64: each vCPU/GIC feature, on or off and why
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -124,6 +125,8 @@ class FaultReport:
         out = ["=" * 72, f"pyvmm fault report: {self.what}", "=" * 72]
         out.append(f"VM: {self.vm_kind} ({self.arch}, KVM_CREATE_VM type {self.vm_type:#x})"
                    + (f", vCPU {self.vcpu}" if self.vcpu is not None else ""))
+        if self.cpu_features:
+            out.append("features: " + "; ".join(self.cpu_features))
         h = self.host
         if h:
             cpu = h.get("cpu_text") or "?"
@@ -567,6 +570,8 @@ def build_report(vm: "Vm", vcpu: "VcpuFd | None", what: str, *, call: str | None
     identity = hostinfo.HostIdentity.read(caps)
     report.host = {**asdict(identity), "cpu_text": identity.cpu_text()}
     report.exit_counts = dict(_call(vm, "exit_counts", {}))
+    feats = getattr(vm, "cpu_features", None)
+    report.cpu_features = feats.describe() if feats is not None else []
     pool = getattr(vm, "dma_pool", None)
     report.dma_pool = {"gpa": pool.gpa, "size": pool.size} if pool is not None else None
     report.device_faults = [asdict(f) for f in getattr(vm, "device_faults", [])]

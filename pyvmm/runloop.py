@@ -247,6 +247,11 @@ class RunLoop:
             log.info("vCPU %d: system event %d ignored", vcpu.index, exit.type)
             return False
         detail = f"KVM_EXIT_SYSTEM_EVENT type {exit.type}"
+        meaning = self.vm.arch.system_event(vcpu.fd, exit)  # e.g. arm64's PSCI SYSTEM_RESET2 exit status
+        if meaning is not None:
+            kind, status, what = meaning
+            self.finish(Outcome(kind, vcpu.index, status=status, detail=f"{what} ({detail})"))
+            return True
         if kind is ExitKind.CRASH:
             self._end_with_report(vcpu, kind, detail, f"guest reported a crash on vCPU {vcpu.index}",
                                   status=exit.type, exit=exit)

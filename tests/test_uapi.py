@@ -43,7 +43,7 @@ NOT_IN_UAPI = {
     "EFER_LMA": "x86 MSR bit (msr-index.h is not uapi)",
     **{name: "system register id: architecture name, encoded with uapi's ARM64_SYS_REG"
        for name in ("MPIDR_EL1", "SCTLR_EL1", "TTBR0_EL1", "TTBR1_EL1", "TCR_EL1", "SPSR_EL1", "ELR_EL1",
-                    "ESR_EL1", "FAR_EL1", "VBAR_EL1")},
+                    "ESR_EL1", "FAR_EL1", "VBAR_EL1", "ZCR_EL1")},
     "KVM_REG_ARM_PSCI_VERSION": "uapi spells it KVM_REG_ARM_PSCI_VERSION too, checked below by expression",
 }
 # (op0, op1, CRn, CRm, op2) from the Arm ARM, for the sysreg ids above.
@@ -51,7 +51,7 @@ SYSREGS = {
     "MPIDR_EL1": (3, 0, 0, 0, 5), "SCTLR_EL1": (3, 0, 1, 0, 0), "TTBR0_EL1": (3, 0, 2, 0, 0),
     "TTBR1_EL1": (3, 0, 2, 0, 1), "TCR_EL1": (3, 0, 2, 0, 2), "SPSR_EL1": (3, 0, 4, 0, 0),
     "ELR_EL1": (3, 0, 4, 0, 1), "ESR_EL1": (3, 0, 5, 2, 0), "FAR_EL1": (3, 0, 6, 0, 0),
-    "VBAR_EL1": (3, 0, 12, 0, 0),
+    "VBAR_EL1": (3, 0, 12, 0, 0), "ZCR_EL1": (3, 0, 1, 2, 0),
 }
 
 

@@ -11,6 +11,7 @@ from ..kvm.errors import ConfigError
 if TYPE_CHECKING:
     from ..kvm.system import Kvm
     from ..kvm.vcpu import VcpuFd
+    from ..outcome import ExitKind
     from ..memory.regions import MemoryRules
     from ..preflight import RuleAnswer
     from ..report import SlotInfo
@@ -55,6 +56,11 @@ class Arch(Protocol):
     def predict_first_run(self, vm: "Vm", slots: list["SlotInfo"]) -> list["RuleAnswer"]:
         """What the first KVM_RUN will meet, by the kernel's rules (``pyvmm check``): one answer per rule
         or slot, in the order the guest meets them; ``errno`` None where it passes."""
+        ...
+
+    def system_event(self, vcpu: "VcpuFd", event) -> "tuple[ExitKind, int | None, str] | None":
+        """What a KVM_EXIT_SYSTEM_EVENT means beyond its type (kind, status, detail), or None for the type's
+        generic meaning (arm64: PSCI SYSTEM_RESET2 carries a guest exit status)."""
         ...
 
     def virtio_slot(self, index: int) -> "VirtioSlot": ...

@@ -69,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--append", metavar="WORDS", default="", help=append_help)
     r.add_argument("command", nargs=argparse.REMAINDER)
     t = sub.add_parser("test", help="run the test suite inside the lab")
+    t.add_argument("--no-protected", action="store_true", help="boot the host with kvm-arm.mode=nvhe instead")
     t.add_argument("--kernel", metavar="NAME", help=kernel_help)
     t.add_argument("--append", metavar="WORDS", default="", help=append_help)
     t.add_argument("pytest_args", nargs=argparse.REMAINDER)
@@ -95,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         return boot_lab(["sh"], interactive=True, kernel=args.kernel)
     if args.cmd == "test":
         return boot_lab(["python3", "-m", "pytest", "-p", "no:cacheprovider", *(args.pytest_args or ["tests"])],
-                        kernel=args.kernel, append=args.append)
+                        protected=not args.no_protected, kernel=args.kernel, append=args.append)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         parser.error("run needs a COMMAND (scripts/lab run -- COMMAND...)")

@@ -17,7 +17,9 @@ x4 = DMA pool size (both 0 without a pool).
 
 from __future__ import annotations
 
+from ...hostinfo import kvm_arm_mode
 from ...kvm import uapi
+from ...kvm import uapi_arm64 as a64
 from ...kvm.errors import ConfigError, KvmError, MissingFeature
 from ...kvm.vcpu import VcpuFd
 from ...loader import EM_AARCH64, is_elf, load_elf, load_flat, read_image
@@ -26,7 +28,7 @@ from ...outcome import ExitKind, Outcome
 from ...preflight import RuleAnswer, bad_page_map_answer
 from .. import RegisterDump
 from ...virtio import DMA_POOL_ALIGN, DmaPool, VirtioSlot, default_dma_pool
-from . import cpu, fdt, gic, layout, linux, pkvm
+from . import cpu, fdt, features, gic, layout, linux, pkvm
 
 from devices.debug_exit import DebugExit
 from devices.testdev import SIZE as TESTDEV_SIZE
@@ -34,6 +36,9 @@ from devices.testdev import MmioTestDevice
 from devices.uart16550 import Uart16550
 
 DEFAULT_IPA_BITS = 40
+# PSCI SYSTEM_RESET2's vendor-specific reset type (bit 31 set) by which a guest exits with status x2 (the cookie):
+# 0x7079 is "py".  KVM passes every vendor reset type to the VMM (kvm_psci_1_x_call).
+PSCI_RESET2_PYVMM_EXIT = 0x8000_7079
 
 
 def place_dma_pool(ram: int, requested: int | None) -> DmaPool | None:
@@ -96,6 +101,10 @@ class Arm64:
         if vm.protected:
             vm.memory.access_guard = pkvm.access_guard(vm.memory)
         self._enable_nisv(vm)
+        # what this VM type is offered, and what the user switched on or off (features.py): before any vCPU exists
+        vm.cpu_features = features.resolve(vm.feature_request, features.offers(vm.fd), vm.kind)
+        if features.CpuFeature.PMU in vm.cpu_features and kvm_arm_mode() == "protected":
+            vm.cpu_features.why[features.CpuFeature.PMU] += "; " + features.PKVM_PMU_CAVEAT
 
     def _enable_nisv(self, vm) -> None:
         """KVM_CAP_ARM_NISV_TO_USER: a data abort outside memslots without a valid syndrome becomes a
@@ -125,9 +134,29 @@ class Arm64:
             vm.fd.irq_line(gic.spi_irq_line(spi), int(level))
 
     def init_vcpus(self, vm) -> None:
-        cpu.init_vcpus(vm.fd, vm.vcpus)
-        vm.irqchip = gic.create_gicv3(vm.fd)  # per VM: an Arch object may serve several VMs
+        """KVM_ARM_VCPU_INIT with the VM's features; SVE's vector lengths, then KVM_ARM_VCPU_FINALIZE; the GICv3
+        (the PMU's interrupt is set between its creation and its CTRL_INIT, the PMU initialised after); the ITS."""
+        feats = vm.cpu_features
+        cpu.init_vcpus(vm.fd, vm.vcpus, feats.vcpu_feature_bits())
+        if features.CpuFeature.SVE in feats:
+            for vcpu in vm.vcpus:
+                feats.sve_vector_lengths = features.configure_sve(vcpu, vm.feature_request.sve_vector_lengths
+                                                                  if vm.feature_request else None)
+        pmu = features.CpuFeature.PMU in feats
+
+        def pmu_irqs() -> None:
+            for vcpu in vm.vcpus:
+                features.set_pmu_irq(vcpu)
+
+        vm.irqchip = gic.create_gicv3(vm.fd, before_init=pmu_irqs if pmu else None)  # per VM, not per Arch
         vm.on_close.append(vm.irqchip.close)
+        if pmu:
+            for vcpu in vm.vcpus:
+                features.init_pmu(vcpu)
+        if features.CpuFeature.ITS in feats:
+            its = gic.create_its(vm.fd)
+            vm.on_close.append(its.close)
+            vm.devices["its"] = its
 
     def _ram_size(self, vm) -> int:
         end = layout.RAM_BASE
@@ -168,8 +197,12 @@ class Arm64:
                          flags=uapi.KVM_CAP_ARM_PROTECTED_VM_FLAGS_SET_FW_IPA)
         return region.gpa
 
-    def boot(self, vm, image: str | None, mode: str = "auto", cmdline: str = "console=ttyS0 earlycon",
-             initrd: str | None = None, load_addr: int | None = None, pvmfw: str | None = None) -> None:
+    def boot(self, vm, image: str | None, mode: str = "auto", cmdline: str | None = None,
+             initrd: str | None = None, load_addr: int | None = None, pvmfw: str | None = None,
+             console: str = "uart") -> None:
+        """Load IMAGE (a Linux ``Image`` or firmware: ELF or flat).  Every image gets ``cmdline`` as
+        /chosen/bootargs and ``initrd`` at /chosen/linux,initrd-start/end in its device tree; a Linux kernel without
+        ``cmdline`` gets ``console=ttyS0 earlycon`` (``console="virtio"``: hvc0), firmware gets no bootargs."""
         from ...firmware import firmware_path
 
         if pvmfw is not None:
@@ -188,6 +221,8 @@ class Arm64:
         if mode == "auto":
             mode = "linux" if linux.is_arm64_image(data) else "firmware"
         initrd_range = None
+        if mode == "linux" and cmdline is None:
+            cmdline = f"console={'hvc0' if console == 'virtio' else 'ttyS0'} earlycon"
         if mode == "linux":
             header = linux.parse_header(data)
             entry = linux.kernel_load_address(layout.RAM_BASE, header)
@@ -196,18 +231,9 @@ class Arm64:
                                   + (f" below the {pool_size >> 10} KiB DMA pool" if pool else "")
                                   + "; give the guest more memory")
             load_flat(vm.memory, data, entry, "kernel")
-            if initrd:
-                blob = read_image(initrd)
-                start = (entry + header.image_size + (2 << 20) - 1) & ~((2 << 20) - 1)
-                if start + len(blob) > below:
-                    raise ConfigError("initrd does not fit in guest RAM below the "
-                                      + ("DMA pool" if pool else "device tree") + "; give the guest more memory")
-                load_flat(vm.memory, blob, start, "initrd")
-                initrd_range = (start, start + len(blob))
+            image_end = entry + header.image_size
             args = {0: dtb_addr, 1: 0, 2: 0, 3: 0}
         else:
-            if initrd:
-                raise ConfigError("--initrd is only for Linux kernels")
             avoid = [(pool.gpa, pool.end, "the DMA pool")] if pool else []
             if is_elf(data):
                 img = load_elf(vm.memory, data, avoid=avoid)
@@ -216,11 +242,17 @@ class Arm64:
             else:
                 img = load_flat(vm.memory, data, layout.RAM_BASE if load_addr is None else load_addr, avoid=avoid)
             entry = img.entry
+            image_end = img.high
             args = {0: dtb_addr, 1: layout.RAM_BASE, 2: ram, 3: pool.gpa if pool else 0, 4: pool.size if pool else 0}
+        if initrd:  # the first 2 MiB boundary after the image (a firmware's bss and stack included: see below)
+            initrd_range = self._load_initrd(vm, initrd, image_end, mode, below, pool is not None)
         virtio = [(d.slot.base, d.slot.size, d.slot.irq) for d in vm.virtio]
-        dtb = fdt.build(fdt.DeviceTreeConfig(layout.RAM_BASE, ram, [cpu.mpidr(v.vcpu_id) for v in vm.vcpus],
-                                             cmdline if mode == "linux" else "", initrd_range, virtio,
-                                             (pool.gpa, pool.size, DMA_POOL_ALIGN) if pool else None))
+        feats = vm.cpu_features
+        dtb = fdt.build(fdt.DeviceTreeConfig(
+            layout.RAM_BASE, ram, [cpu.mpidr(v.vcpu_id) for v in vm.vcpus], cmdline or "", initrd_range, virtio,
+            (pool.gpa, pool.size, DMA_POOL_ALIGN) if pool else None,
+            pmu_ppi=layout.PMU_PPI if features.CpuFeature.PMU in feats else None,
+            its=(layout.GIC_ITS, layout.GIC_ITS_SIZE) if features.CpuFeature.ITS in feats else None))
         if len(dtb) > layout.DTB_MAX:
             raise ConfigError("device tree too large")
         vm.memory.write(dtb_addr, dtb)
@@ -229,6 +261,33 @@ class Arm64:
         if pool and vm.protected:  # the guest shares it at boot (swiotlb's set_memory_decrypted: MEM_SHARE)
             vm.memory.declare_shared(pool.gpa, pool.size)
         cpu.enter(vm.vcpus[0], entry, args)
+
+    def _load_initrd(self, vm, path: str, image_end: int, mode: str, below: int, pool: bool) -> tuple[int, int]:
+        """Place the initrd at the first 2 MiB boundary after the image; for firmware, after the 1 MiB the
+        bundled guests keep for bss and stacks above their load address too."""
+        blob = read_image(path)
+        floor = image_end if mode == "linux" else max(image_end, layout.RAM_BASE + (1 << 20))
+        start = (floor + (2 << 20) - 1) & ~((2 << 20) - 1)
+        if start + len(blob) > below:
+            raise ConfigError(f"initrd {path} ({len(blob)} bytes at {start:#x}) does not fit in guest RAM below the "
+                              + ("DMA pool" if pool else "device tree") + "; give the guest more memory")
+        load_flat(vm.memory, blob, start, "initrd")
+        return start, start + len(blob)
+
+    def system_event(self, vcpu: VcpuFd, event) -> tuple[ExitKind, int | None, str] | None:
+        """PSCI SYSTEM_RESET2 with pyvmm's vendor reset type ends the run with the guest's status (x2, the
+        cookie); SYSTEM_OFF2 is a power-off that says so.  None: the generic meaning of the event."""
+        flags = event.data[0] if event.data else 0
+        if event.type == uapi.KVM_SYSTEM_EVENT_RESET and flags & a64.KVM_SYSTEM_EVENT_RESET_FLAG_PSCI_RESET2:
+            reset_type, cookie = vcpu.get_one_reg(cpu.X[1]), vcpu.get_one_reg(cpu.X[2])
+            if reset_type & 0xFFFF_FFFF == PSCI_RESET2_PYVMM_EXIT:
+                return (ExitKind.GUEST_EXIT, cookie & 0xFF,
+                        f"guest exited with status {cookie & 0xFF} (PSCI SYSTEM_RESET2, pyvmm exit type "
+                        f"{PSCI_RESET2_PYVMM_EXIT:#x})")
+            return ExitKind.RESET, event.type, f"PSCI SYSTEM_RESET2 type {reset_type:#x} cookie {cookie:#x}"
+        if event.type == uapi.KVM_SYSTEM_EVENT_SHUTDOWN and flags & a64.KVM_SYSTEM_EVENT_SHUTDOWN_FLAG_PSCI_OFF2:
+            return ExitKind.POWER_OFF, event.type, "PSCI SYSTEM_OFF2 (hibernate-off)"
+        return None
 
     def registers(self, vcpu: VcpuFd) -> RegisterDump:
         return cpu.registers(vcpu)

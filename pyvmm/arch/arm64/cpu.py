@@ -40,24 +40,15 @@ REPORT_REGISTERS = [("pc", PC), ("pstate", PSTATE), ("sp_el0", SP_EL0), ("sp_el1
 
 # vCPUs of protected VMs (recorded by init_vcpus): a refusal of their registers is pKVM's doing.
 _protected_vcpus: "weakref.WeakSet[VcpuFd]" = weakref.WeakSet()
+# vCPUs with SVE: their reports add ZCR_EL1 (the vector length the guest chose); their V registers are the low
+# 128 bits of the Z registers and KVM refuses them as core registers (fp_regs) once SVE is on.
+_sve_vcpus: "weakref.WeakSet[VcpuFd]" = weakref.WeakSet()
 BOOT_PSTATE = a64.PSR_MODE_EL1h | a64.PSR_A_BIT | a64.PSR_I_BIT | a64.PSR_F_BIT | a64.PSR_D_BIT
 
 
-def default_features(vm_fd: VmFd) -> tuple[int, ...]:
-    """Pointer authentication when KVM offers both halves: a guest that sees it in its ID registers
-    (a protected VM's do) but runs on a vCPU without it takes UNDEF at its first key write."""
-    from ...kvm import uapi
-
-    if vm_fd.check_extension(uapi.KVM_CAP_ARM_PTRAUTH_ADDRESS) and vm_fd.check_extension(uapi.KVM_CAP_ARM_PTRAUTH_GENERIC):
-        return (a64.KVM_ARM_VCPU_PTRAUTH_ADDRESS, a64.KVM_ARM_VCPU_PTRAUTH_GENERIC)
-    return ()
-
-
-def init_vcpus(vm_fd: VmFd, vcpus: list[VcpuFd], extra_features: tuple[int, ...] | None = None) -> None:
-    """KVM_ARM_VCPU_INIT with the preferred target, PSCI 0.2 and ``extra_features`` (default: ptrauth
-    where available); secondaries start powered off."""
-    if extra_features is None:
-        extra_features = default_features(vm_fd)
+def init_vcpus(vm_fd: VmFd, vcpus: list[VcpuFd], extra_features: tuple[int, ...] = ()) -> None:
+    """KVM_ARM_VCPU_INIT with the preferred target, PSCI 0.2 and ``extra_features`` (vCPU feature bit numbers:
+    ``features.FeatureSet.vcpu_feature_bits``); secondaries start powered off."""
     for vcpu in vcpus:
         init = vm_fd.arm_preferred_target()
         features = (1 << a64.KVM_ARM_VCPU_PSCI_0_2)
@@ -69,6 +60,8 @@ def init_vcpus(vm_fd: VmFd, vcpus: list[VcpuFd], extra_features: tuple[int, ...]
         vcpu.arm_vcpu_init(init)
         if vm_fd.vm_type & uapi.KVM_VM_TYPE_ARM_PROTECTED:
             _protected_vcpus.add(vcpu)
+        if a64.KVM_ARM_VCPU_SVE in extra_features:
+            _sve_vcpus.add(vcpu)
 
 
 def enter(vcpu: VcpuFd, pc: int, args: dict[int, int]) -> None:
@@ -92,7 +85,8 @@ def registers(vcpu: VcpuFd, protected: bool | None = None) -> RegisterDump:
         protected = vcpu in _protected_vcpus
     values: dict[str, int] = {}
     refused: dict[str, str] = {}
-    for name, reg in REPORT_REGISTERS:
+    shown = REPORT_REGISTERS + ([("zcr_el1", a64.ZCR_EL1)] if vcpu in _sve_vcpus else [])
+    for name, reg in shown:
         try:
             values[name] = vcpu.get_one_reg(reg)
         except KvmError as err:

@@ -10,6 +10,7 @@ from . import layout
 
 GIC_PHANDLE = 1
 DMA_POOL_PHANDLE = 2
+ITS_PHANDLE = 3
 IRQ_TYPE_SPI, IRQ_TYPE_PPI = 0, 1
 IRQ_EDGE_RISING = 1
 IRQ_LEVEL_HIGH = 4
@@ -25,6 +26,8 @@ class DeviceTreeConfig:
     initrd: tuple[int, int] | None = None  # (start, end)
     virtio: list[tuple[int, int, int]] = field(default_factory=list)  # (base, size, SPI) per virtio-mmio device
     dma_pool: tuple[int, int, int] | None = None  # (base, size, alignment): a restricted-dma-pool for every virtio device
+    pmu_ppi: int | None = None  # the PMUv3's overflow interrupt (a PPI), when the vCPUs have a PMU
+    its: tuple[int, int] | None = None  # (base, size) of the GICv3 ITS, when the VM has one
 
 
 def _cells64(value: int) -> list[int]:
@@ -61,18 +64,29 @@ def build(cfg: DeviceTreeConfig) -> bytes:
                       fdt.PropStrings("method", "hvc")))
 
     redist_size = layout.GIC_REDIST_SIZE * len(cfg.mpidrs)
-    root.append(_node(f"intc@{layout.GIC_DIST:x}", fdt.PropStrings("compatible", "arm,gic-v3"),
-                      fdt.PropWords("#interrupt-cells", 3), fdt.Property("interrupt-controller"),
-                      fdt.PropWords("#address-cells", 2), fdt.PropWords("#size-cells", 2),
-                      fdt.PropWords("reg", *_cells64(layout.GIC_DIST), *_cells64(layout.GIC_DIST_SIZE),
-                                    *_cells64(layout.GIC_REDIST), *_cells64(redist_size)),
-                      fdt.PropWords("phandle", GIC_PHANDLE)))
+    intc = _node(f"intc@{layout.GIC_DIST:x}", fdt.PropStrings("compatible", "arm,gic-v3"),
+                 fdt.PropWords("#interrupt-cells", 3), fdt.Property("interrupt-controller"),
+                 fdt.PropWords("#address-cells", 2), fdt.PropWords("#size-cells", 2), fdt.Property("ranges"),
+                 fdt.PropWords("reg", *_cells64(layout.GIC_DIST), *_cells64(layout.GIC_DIST_SIZE),
+                               *_cells64(layout.GIC_REDIST), *_cells64(redist_size)),
+                 fdt.PropWords("phandle", GIC_PHANDLE))
+    if cfg.its:  # Documentation/devicetree/bindings/interrupt-controller/arm,gic-v3.yaml: an ITS is the GIC's child
+        base, size = cfg.its
+        intc.append(_node(f"msi-controller@{base:x}", fdt.PropStrings("compatible", "arm,gic-v3-its"),
+                          fdt.Property("msi-controller"), fdt.PropWords("#msi-cells", 1),
+                          fdt.PropWords("reg", *_cells64(base), *_cells64(size)),
+                          fdt.PropWords("phandle", ITS_PHANDLE)))
+    root.append(intc)
 
     timer_irqs = []
     for ppi in layout.TIMER_PPIS:
         timer_irqs += [IRQ_TYPE_PPI, ppi, IRQ_PPI_ALL_CPUS_LEVEL_LOW]
     root.append(_node("timer", fdt.PropStrings("compatible", "arm,armv8-timer"),
                       fdt.PropWords("interrupts", *timer_irqs), fdt.Property("always-on")))
+
+    if cfg.pmu_ppi is not None:
+        root.append(_node("pmu", fdt.PropStrings("compatible", "arm,armv8-pmuv3"),
+                          fdt.PropWords("interrupts", IRQ_TYPE_PPI, cfg.pmu_ppi, IRQ_LEVEL_HIGH)))
 
     uart = f"serial@{layout.UART:x}"
     root.append(_node(uart, fdt.PropStrings("compatible", "ns16550a"),

@@ -2,6 +2,8 @@
 
 GIC_DIST = 0x0800_0000
 GIC_DIST_SIZE = 0x1_0000
+GIC_ITS = 0x0808_0000  # the ITS's two 64 KiB frames, between the distributor and the redistributors
+GIC_ITS_SIZE = 0x2_0000
 GIC_REDIST = 0x080A_0000
 GIC_REDIST_SIZE = 0x2_0000  # per vCPU
 UART = 0x0900_0000
@@ -20,6 +22,8 @@ RAM_BASE = 0x8000_0000
 MIN_RAM = 4 << 20
 DTB_MAX = 0x10_0000  # the DTB sits in the last 2 MiB of RAM
 UART_CLOCK = 1_843_200
+
+PMU_PPI = 7  # INTID 23
 
 # Architected timer PPIs (GIC INTID - 16): secure phys, non-secure phys, virtual, hyp
 TIMER_PPIS = (13, 14, 11, 10)

@@ -58,6 +58,9 @@ class X86_64:
                            vm_kind=vm.kind)
 
     def prepare_vm(self, vm) -> None:
+        if vm.feature_request is not None:
+            raise ConfigError("--cpu-features is for arm64 VMs (PMU, SVE, pointer authentication, ITS); an x86_64 "
+                              "VM's CPUID is what KVM_GET_SUPPORTED_CPUID offers")
         vm.fd.set_tss_addr(layout.TSS_ADDR)
         vm.fd.set_identity_map_addr(layout.IDENTITY_MAP_ADDR)
         uart = Uart16550(vm.console.write)
@@ -94,8 +97,12 @@ class X86_64:
                               f"(have {end:#x} bytes)")
         return end
 
-    def boot(self, vm, image: str | None, mode: str = "auto", cmdline: str = "console=ttyS0",
-             initrd: str | None = None, load_addr: int | None = None, pvmfw: str | None = None) -> None:
+    def boot(self, vm, image: str | None, mode: str = "auto", cmdline: str | None = None,
+             initrd: str | None = None, load_addr: int | None = None, pvmfw: str | None = None,
+             console: str = "uart") -> None:
+        """Load IMAGE: a bzImage (``cmdline``, default ``console=ttyS0``, and ``initrd`` through boot_params), or
+        firmware (ELF: long mode; flat: real mode), which gets rdi = RAM size, rsi = vCPU index, rdx = vCPU count and
+        nothing else: a command line or initrd for firmware is refused, since there is nowhere to put it."""
         from ...firmware import firmware_path
 
         if pvmfw is not None:
@@ -108,8 +115,13 @@ class X86_64:
         data = read_image(image or firmware_path(self.name, self.default_image))
         if mode == "auto":
             mode = "linux" if linux.is_bzimage(data) else "long" if is_elf(data) else "real"
-        if initrd is not None and mode != "linux":
-            raise ConfigError("--initrd is only for Linux kernels")
+        if mode != "linux":
+            for what, value in (("--cmdline", cmdline), ("--initrd", initrd)):
+                if value is not None:
+                    raise ConfigError(f"{what} is only for Linux kernels on x86_64: firmware gets rdi = RAM size, "
+                                      "rsi = vCPU index, rdx = vCPU count, and no command line or initrd")
+        if cmdline is None:
+            cmdline = "console=hvc0 earlycon" if console == "virtio" else "console=ttyS0"
         nvcpus = len(vm.vcpus)
         if mode == "real":
             if is_elf(data):
@@ -141,6 +153,9 @@ class X86_64:
         for vcpu in vm.vcpus:
             cpu.enter_long_mode(vcpu, img.entry, layout.STACK_TOP - vcpu.vcpu_id * layout.STACK_SIZE,
                                 dict(rdi=ram, rsi=vcpu.vcpu_id, rdx=nvcpus))
+
+    def system_event(self, vcpu, event):
+        return None
 
     def virtio_slot(self, index: int) -> VirtioSlot:
         if index >= layout.VIRTIO_MAX:
