@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 from .arch import machine_name
 from .hostinfo import kvm_arm_mode
 from .kvm import Kvm, uapi
-from .kvm.errors import KvmError
+from .kvm.errors import KvmError, PyvmmError
 from .arch.arm64.pkvm import ProtectedVmSupport, protected_vm_support
 from .memory.backing import backing_availability
 
@@ -106,6 +106,8 @@ def probe(kvm: Kvm) -> HostCaps:
             except KvmError:
                 caps.capabilities[name] = 0
         caps.backings = backing_availability(vm)
+        if arch == "arm64":
+            caps.features["normal"] = arm64_feature_offers(vm)
     types = caps.capabilities.get("KVM_CAP_VM_TYPES", 0)
     if arch == "x86_64":
         caps.vm_types = [n for bit, n in X86_VM_TYPES.items() if types & (1 << bit)] or ["KVM_X86_DEFAULT_VM"]
@@ -115,18 +117,21 @@ def probe(kvm: Kvm) -> HostCaps:
     caps.protected_vm = protected_vm_support(kvm, arch)
     if arch == "arm64":
         caps.vm_types = ["default"] + (["KVM_VM_TYPE_ARM_PROTECTED"] if caps.protected_vm.available else [])
-        for protected in (False, True) if caps.protected_vm.available else (False,):
-            caps.features["protected" if protected else "normal"] = arm64_feature_offers(kvm, protected)
+        if caps.protected_vm.available:  # made as protected_vm_support made its own: that one answered
+            try:
+                with kvm.create_vm(uapi.KVM_VM_TYPE_ARM_PROTECTED) as vm:
+                    caps.features["protected"] = arm64_feature_offers(vm)
+            except PyvmmError as err:
+                caps.features["protected"] = {"unavailable": {"offered": False, "answer": str(err)}}
     return caps
 
 
-def arm64_feature_offers(kvm: Kvm, protected: bool) -> dict[str, dict]:
-    """What KVM offers a fresh VM of this kind, asked on its own fd (pKVM answers less for a protected VM)."""
-    from .arch.arm64 import Arm64, features
+def arm64_feature_offers(vm) -> dict[str, dict]:
+    """What KVM offers a VM of this kind, asked on its own fd (pKVM answers less for a protected VM)."""
+    from .arch.arm64 import features
 
-    with kvm.create_vm(Arm64().vm_type(kvm, protected, None)) as vm:
-        out = {f.value: {"offered": o.offered, "answer": o.answer} for f, o in features.offers(vm).items()}
-        debug = {name: vm.check_extension(getattr(uapi, name)) for name in features.DEBUG_CAPS}
+    out = {f.value: {"offered": o.offered, "answer": o.answer} for f, o in features.offers(vm).items()}
+    debug = {name: vm.check_extension(getattr(uapi, name)) for name in features.DEBUG_CAPS}
     out["debug"] = {"offered": bool(debug["KVM_CAP_SET_GUEST_DEBUG"]),
                     "answer": ", ".join(f"{n} = {v}" for n, v in debug.items())}
     return out
@@ -155,9 +160,9 @@ def format_caps(caps: HostCaps) -> str:
                    "what is offered, --cpu-features switches):")
         out.append("  " + f"{'feature':<9}" + "".join(f"{k:<11}" for k in kinds) + "what KVM answered")
         for name in caps.features[kinds[0]]:
-            cells = "".join(f"{'yes' if caps.features[k][name]['offered'] else 'no':<11}" for k in kinds)
-            answers = " | ".join(f"{k}: {caps.features[k][name]['answer']}" for k in kinds) if len(kinds) > 1 \
-                else caps.features[kinds[0]][name]["answer"]
+            cells = "".join(f"{'yes' if caps.features[k].get(name, {}).get('offered') else 'no':<11}" for k in kinds)
+            answers = " | ".join(f"{k}: {caps.features[k].get(name, caps.features[k].get('unavailable'))['answer']}"
+                                 for k in kinds) if len(kinds) > 1 else caps.features[kinds[0]][name]["answer"]
             out.append(f"  {name:<9}{cells}{answers}")
     out.append("memory backings:")
     for name, state in caps.backings.items():

@@ -671,7 +671,9 @@ static void show_pc(int vcpu)
 
 /* vCPU 0 as pyvmm's cpu.init_vcpus: KVM_ARM_PREFERRED_TARGET, then KVM_ARM_VCPU_INIT with PSCI 0.2 and pointer
  * authentication when the VM offers both halves (a guest that sees it in its ID registers but runs on a vCPU
- * without it takes UNDEF at its first key write). */
+ * without it takes UNDEF at its first key write).  pyvmm also turns on the PMU, SVE and the ITS where offered
+ * (features.py); the bundled test guests use none of them, and the memory faults reproduced here do not
+ * depend on them. */
 static void init_vcpu(int vm, int vcpu)
 {
 	struct kvm_vcpu_init init;

@@ -2,7 +2,8 @@
 running it, run the backing ``matrix``, or run fault ``scenario``s.
 
 Exit status of ``run``: 0 when the guest halted, powered off, reset or exited
-with status 0; the guest's status (1-255) for a non-zero debug-exit; 1 with a
+with status 0; the guest's status (1-255) for a non-zero debug-exit (arm64: or PSCI
+SYSTEM_RESET2 with pyvmm's exit type); 1 with a
 fault report when KVM_RUN failed or the guest crashed or triple-faulted; 124 on
 timeout; 2 for bad input or a host that cannot run the VM (one line, no traceback).
 """
@@ -119,15 +120,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="boot a guest (default: the bundled hello)", parents=[shape],
                          description="Boot a guest image.  Without IMAGE, boots the bundled hello for this host.",
-                         epilog="exit status: 0 clean end, N guest's exit status, 1 fault (report printed), "
-                                "124 timeout, 2 bad input")
+                         epilog="exit status: 0 clean end, N guest's exit status (debug-exit; arm64 PSCI "
+                                "SYSTEM_RESET2 type 0x80007079, status in x2), 1 fault (report printed), 124 timeout, "
+                                "2 bad input")
     run.add_argument("image", nargs="?", help="firmware (ELF or flat binary) or Linux kernel image")
     run.add_argument("-t", "--timeout", type=_timeout, default=None, help="stop the guest after this many seconds")
     run.add_argument("--report-json", metavar="FILE", help="write the outcome and any fault report as JSON")
     run.add_argument("--boot", default="auto", help="x86_64: auto, real, long or linux (default auto)")
     run.add_argument("--cmdline", default=None,
-                     help="boot arguments: arm64 puts them in the device tree's /chosen/bootargs for every image "
-                          "(Linux default: console=ttyS0 earlycon); x86_64 passes them to Linux only")
+                     help="boot arguments: arm64 puts them in the device tree's /chosen/bootargs for every image; "
+                          "x86_64 passes them to Linux only (Linux default: console=ttyS0, with earlycon on arm64; "
+                          "console=hvc0 earlycon with --console virtio)")
     run.add_argument("--initrd", default=None,
                      help="initial ramdisk: arm64 loads it after any image and names it in /chosen "
                           "(linux,initrd-start/end); x86_64 passes it to Linux only")
@@ -356,10 +359,8 @@ def cmd_run(args) -> int:
     vm_box: list = []
     with stop_on_signals(vm_box), Kvm(args.kvm_device) as kvm, \
             Vm(protected=args.protected, kvm=kvm, ipa_bits=args.ipa_bits, dma_pool=args.dma_pool,
-               cpu_features=feature_request) as vm:
+               feature_request=feature_request) as vm:
         vm_box.append(vm)
-        if vm.cpu_features is not None:
-            logging.getLogger("pyvmm.features").info("%s VM: %s", vm.kind, "; ".join(vm.cpu_features.describe()))
         if args.console_file is not None:
             vm.console.echo, close_console = file_echo(args.console_file)
             vm.on_close.append(close_console)
@@ -377,6 +378,8 @@ def cmd_run(args) -> int:
         virtio_console = vm.add_virtio_console().device if args.console == "virtio" else None
         console_input = (virtio_console or vm.devices["uart"]).feed
         vm.create_vcpus(args.vcpus)
+        if vm.cpu_features is not None:  # after the vCPUs: SVE's vector lengths are known then
+            logging.getLogger("pyvmm.features").info("%s VM: %s", vm.kind, "; ".join(vm.cpu_features.describe()))
         vm.boot(args.image, **boot_opts)
 
         def escape() -> None:

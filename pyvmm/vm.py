@@ -81,12 +81,12 @@ def file_echo(path: str) -> tuple[Callable[[bytes], None], Callable[[], None]]:
 class Vm:
     def __init__(self, *, protected: bool = False, arch: Arch | None = None, kvm: Kvm | None = None,
                  ipa_bits: int | None = None, console: Console | None = None, dma_pool: int | None = None,
-                 cpu_features=None):
+                 feature_request=None):
         """``dma_pool``: bytes of guest RAM for the restricted DMA pool (arm64), which virtio devices are
         confined to on a protected VM; default ``default_dma_pool(ram)`` for a protected VM and none (0) for a
         normal one, where a pool makes a pool-aware guest bounce its DMA just the same.
 
-        ``cpu_features``: arm64's ``features.FeatureRequest`` (PMU, SVE and its vector lengths, pointer
+        ``feature_request``: arm64's ``features.FeatureRequest`` (PMU, SVE and its vector lengths, pointer
         authentication, the ITS switched on or off); default: every feature KVM offers this VM's type.  What the
         VM got is ``vm.cpu_features`` once it exists."""
         self._own_kvm = kvm is None
@@ -110,7 +110,7 @@ class Vm:
         self.device_faults: list[DeviceFault] = []  # the first MAX_DEVICE_FAULTS refused device accesses
         self.device_faults_dropped = 0
         self._device_faults_lock = threading.Lock()
-        self.feature_request = cpu_features
+        self.feature_request = feature_request
         self.cpu_features = None  # the arch's answer to feature_request (arm64: features.FeatureSet)
         try:
             self.arch = arch or host_arch()

@@ -59,3 +59,55 @@ def test_pmu_and_its_nodes(tmp_path, pmu, its):
 def test_its_window_fits_between_the_distributor_and_the_redistributors():
     assert layout.GIC_DIST + layout.GIC_DIST_SIZE <= layout.GIC_ITS
     assert layout.GIC_ITS + layout.GIC_ITS_SIZE <= layout.GIC_REDIST
+
+
+def test_initrd_placement():
+    """Linux: the first 2 MiB boundary after the kernel.  Firmware: as high as it fits below the pool or DTB,
+    page-aligned, away from the scratch memory test guests use above their image."""
+    from pyvmm.arch.arm64 import place_initrd
+    from pyvmm.kvm.errors import ConfigError
+
+    base, dtb = layout.RAM_BASE, layout.RAM_BASE + (14 << 20)
+    assert place_initrd(5000, base + 0x1234, dtb, linux=True) == base + (2 << 20)
+    start = place_initrd(5000, base + 0x1234, dtb, linux=False)
+    assert start % 4096 == 0 and start + 5000 <= dtb and dtb - start <= 8192
+    assert place_initrd(dtb - base - (1 << 20), base + (1 << 20), dtb, linux=False) == base + (1 << 20)
+    for linux, size in ((True, 12 << 20 + 1), (False, (13 << 20) + 1)):
+        with pytest.raises(ConfigError, match="does not fit in guest RAM between the image"):
+            place_initrd(size, base + (1 << 20), dtb, linux=linux)
+
+
+class _Regs:
+    """A vCPU whose x1/x2 are given (or refused): what system_event reads after the exit."""
+
+    def __init__(self, x1=None, x2=None, refuse=False):
+        self.values, self.refuse = {1: x1, 2: x2}, refuse
+
+    def get_one_reg(self, reg):
+        from pyvmm.arch.arm64 import cpu
+        from pyvmm.kvm.errors import KvmError
+
+        if self.refuse:
+            raise KvmError("KVM_GET_ONE_REG", 1)
+        return self.values[cpu.X.index(reg)]
+
+
+@pytest.mark.parametrize("regs, event, expected", [
+    (_Regs(0x80007079, 42), (2, [1]), ("guest-exit", 42)),
+    (_Regs(0x80007079, 300), (2, [1]), ("guest-exit", 300)),  # pyvmm run caps the exit status at 255
+    (_Regs(0x80000001, 5), (2, [1]), ("reset", 2)),  # another vendor's reset type: a reset
+    (_Regs(0, 0), (2, [1]), ("reset", 2)),  # a warm reset through SYSTEM_RESET2
+    (_Regs(refuse=True), (2, [1]), ("reset", 2)),  # registers hidden: a reset that says so
+    (_Regs(), (1, [1]), ("power-off", 1)),  # SYSTEM_OFF2
+    (_Regs(), (2, [0]), None), (_Regs(), (1, []), None), (_Regs(), (3, [1]), None),  # generic meanings
+])
+def test_psci_system_events(regs, event, expected):
+    from pyvmm.arch.arm64 import Arm64
+    from pyvmm.kvm.exits import SystemEvent
+
+    got = Arm64().system_event(regs, SystemEvent(*event))
+    assert (got if got is None else (got[0].value, got[1])) == expected
+    if expected and expected[0] == "guest-exit":
+        assert "SYSTEM_RESET2" in got[2]
+    if regs.refuse:
+        assert "unreadable" in got[2]

@@ -81,5 +81,5 @@ def test_an_x86_vm_refuses_arm64_feature_switches():
 
     if machine_name() != "x86_64":
         pytest.skip("the x86_64 refusal (arm64 VMs take the switches: tests/test_arm64_platform.py)")
-    with pytest.raises(ConfigError, match="--cpu-features is for arm64 VMs"):
-        Vm(cpu_features=FeatureRequest({PMU: False}))
+    with pytest.raises(ConfigError, match="--cpu-features and --sve-vector-lengths are for arm64 VMs"):
+        Vm(feature_request=FeatureRequest({PMU: False}))

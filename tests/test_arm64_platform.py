@@ -32,11 +32,11 @@ def kind(request):
     return request.param
 
 
-def platform(kind, cmdline=None, initrd=None, features=None, memory=16 << 20):
+def platform(kind, cmdline=None, initrd=None, features=None, memory=16 << 20, vcpus=1):
     """Boot the platform guest; returns (vm, outcome, {key: value} of its 'key: value' lines), the VM closed."""
-    with Vm(protected=kind == "protected", cpu_features=features) as vm:
+    with Vm(protected=kind == "protected", feature_request=features) as vm:
         vm.add_memory(memory)
-        vm.create_vcpus(1)
+        vm.create_vcpus(vcpus)
         vm.boot(guest("platform"), cmdline=cmdline, initrd=initrd)
         outcome = vm.run(timeout=120)
         text = vm.console.text()
@@ -55,8 +55,10 @@ def test_bootargs_and_initrd_reach_firmware(kind, tmp_path):
     initrd.write_bytes(b"pyvmm initrd marker 42\n" + bytes(range(256)) * 64)
     vm, outcome, lines, text = platform(kind, cmdline="hello world exit=debug:7", initrd=str(initrd))
     assert lines["bootargs"] == "hello world exit=debug:7", text
-    start, end = (int(x, 16) for x in re.fullmatch(r"(0x[0-9a-f]+) (0x[0-9a-f]+)", lines["initrd"].splitlines()[0]).groups())
-    assert end - start == initrd.stat().st_size and start % (2 << 20) == 0 and start >= layout.RAM_BASE + (1 << 20)
+    start, end = (int(x, 16) for x in re.fullmatch(r"(0x[0-9a-f]+) (0x[0-9a-f]+)", lines["initrd"]).groups())
+    assert end - start == initrd.stat().st_size and start % 4096 == 0
+    below = vm.dma_pool.gpa if vm.dma_pool else layout.RAM_BASE + (16 << 20) - (2 << 20)  # the pool or the DTB
+    assert end <= below and below - end < 4096  # firmware: as high as it fits
     assert lines["initrd-data"] == "pyvmm initrd marker 42", text
     assert outcome.kind is ExitKind.GUEST_EXIT and outcome.status == 7, outcome
 
@@ -99,7 +101,7 @@ def test_asking_a_protected_vm_for_pmu_or_sve_is_one_error_naming_the_cap():
     require_pkvm()
     for feature, cap in ((CpuFeature.PMU, "KVM_CAP_ARM_PMU_V3"), (CpuFeature.SVE, "KVM_CAP_ARM_SVE")):
         with pytest.raises(MissingFeature) as err:
-            Vm(protected=True, cpu_features=FeatureRequest({feature: True}))
+            Vm(protected=True, feature_request=FeatureRequest({feature: True}))
         assert f"{cap} = 0" in str(err.value) and "protected VM" in str(err.value)
     res = run_cli("run", "--protected", "--cpu-features", "pmu=on", guest("platform"))
     assert res.returncode == 2 and len(res.stderr.splitlines()) == 1, res.stderr
@@ -122,9 +124,10 @@ def test_sve_vector_length_on_a_normal_vm_and_the_trap_on_a_protected_one(kind):
 @pytest.mark.timeout(300)
 def test_sve_vector_lengths_can_be_capped():
     require_arm64_kvm()
-    vm, outcome, lines, text = platform("normal", features=FeatureRequest({}, [128]))
+    vm, *_ = platform("normal")
     if CpuFeature.SVE not in vm.cpu_features:
         pytest.skip(f"this host's KVM offers no SVE: {vm.cpu_features.why[CpuFeature.SVE]}")
+    vm, outcome, lines, text = platform("normal", features=FeatureRequest({}, [128]))
     assert vm.cpu_features.sve_vector_lengths == [128] and lines["sve"] == "vl=16 bytes", text
     with pytest.raises(ConfigError, match="KVM can only cap the vector length|this host's KVM offers"):
         platform("normal", features=FeatureRequest({}, [256]))  # 128 is offered, so 256 alone cannot be
@@ -133,9 +136,8 @@ def test_sve_vector_lengths_can_be_capped():
 @pytest.mark.timeout(300)
 def test_its_is_in_the_device_tree_and_answers(kind):
     vm, outcome, lines, text = platform(kind)
-    if CpuFeature.ITS not in vm.cpu_features:
-        assert lines["its"] == "(none)", text
-        pytest.skip(f"no ITS for a {kind} VM: {vm.cpu_features.why[CpuFeature.ITS]}")
+    # KVM_CREATE_DEVICE is not among the VM ioctls pKVM gates (kvm_pkvm_ioctl_allowed): both kinds get an ITS
+    assert CpuFeature.ITS in vm.cpu_features, vm.cpu_features.why
     its = lines["its"].splitlines()
     assert its[0] == f"node at {layout.GIC_ITS:#x} size {layout.GIC_ITS_SIZE:#x}", text
     m = re.fullmatch(r"iidr=(0x[0-9a-f]+) typer=(0x[0-9a-f]+)", its[1])
@@ -173,9 +175,11 @@ def test_guest_exit_status_conventions(kind, how, kind_, status):
 @pytest.mark.timeout(300)
 def test_cli_exit_status_follows_the_guest(kind):
     prot = ["--protected"] if kind == "protected" else []
-    for how, code in (("reset2:42", 42), ("debug:9", 9), ("off2", 0)):
+    for how, code, says in (("reset2:42", 42, "guest exited with status 42 (PSCI SYSTEM_RESET2"),
+                            ("debug:9", 9, "guest wrote 0x9 to the exit register"),
+                            ("off2", 0, "PSCI SYSTEM_OFF2 (hibernate-off)")):
         res = run_cli("run", *prot, "-q", "--cmdline", f"exit={how}", guest("platform"))
-        assert res.returncode == code, res.stderr
+        assert res.returncode == code and says in res.stderr, res.stderr
 
 
 @pytest.mark.timeout(300)
@@ -193,7 +197,7 @@ def test_caps_shows_what_each_vm_type_is_offered():
     prot = feats["protected"]
     assert not prot["pmu"]["offered"] and "KVM_CAP_ARM_PMU_V3 = 0" in prot["pmu"]["answer"], prot
     assert not prot["sve"]["offered"] and not prot["debug"]["offered"], prot
-    assert prot["ptrauth"]["offered"], prot  # kvm_pkvm_ext_allowed keeps pointer authentication
+    assert prot["ptrauth"]["offered"] and prot["its"]["offered"] and normal["its"]["offered"], prot
     assert re.search(r"^  pmu\s+yes\s+no\s", text, re.M), text
 
 
@@ -212,3 +216,11 @@ def test_fault_report_lists_the_features():
     assert "features: pmu: on (offered)" in text, text
     if CpuFeature.SVE in vm.cpu_features:
         assert "zcr_el1" in report.registers, report.registers
+
+
+@pytest.mark.timeout(300)
+def test_two_vcpus_get_every_feature(kind):
+    """Each vCPU gets its PMU interrupt and PMU init, SVE finalize; the guest runs on vCPU 0 (the other is off)."""
+    vm, outcome, lines, text = platform(kind, vcpus=2, cmdline="exit=reset2:5")
+    assert outcome.kind is ExitKind.GUEST_EXIT and outcome.status == 5, (outcome, text)
+    assert (CpuFeature.PMU in vm.cpu_features) == (kind == "normal") == lines["sve"].startswith("vl="), text

@@ -11,6 +11,7 @@ import pytest
 
 from pyvmm.arch import RegisterDump
 from pyvmm.arch.arm64 import cpu as a64cpu
+from pyvmm.arch.arm64.features import CpuFeature, FeatureRequest
 from pyvmm.kvm import uapi_arm64 as a64
 from pyvmm.kvm import uapi_x86 as x86
 from pyvmm.kvm.errors import GuestMemoryError, KvmError
@@ -162,10 +163,10 @@ def test_arm64_code_address_reasons():
 
 
 # --- arm64, real guests (the lab) -------------------------------------------------------------------
-def _boot_arm64(kind: str, name: str = "hello"):
+def _boot_arm64(kind: str, name: str = "hello", feature_request=None):
     from pyvmm.vm import Vm
 
-    vm = Vm(protected=kind == "protected")
+    vm = Vm(protected=kind == "protected", feature_request=feature_request)
     try:
         vm.add_memory(8 << 20, "anon")
         vm.create_vcpus(1)
@@ -183,18 +184,19 @@ def test_arm64_registers_normal_and_protected():
     same values as a normal VM running the same guest (measured in the lab), so nothing is refused."""
     require_arm64_kvm()
     require_pkvm()
-    dumps = {}
+    dumps, sve = {}, {}
     for kind in ("normal", "protected"):
         vm, outcome = _boot_arm64(kind)
         with vm:
             assert outcome.kind is ExitKind.POWER_OFF
             dumps[kind] = vm.arch.registers(vm.vcpus[0])
+            sve[kind] = CpuFeature.SVE in vm.cpu_features
             gpa, why = vm.arch.code_address(vm.vcpus[0], vm)
             assert gpa == dumps[kind].values["pc"] and "MMU off" in why
     expected = [n for n, _ in a64cpu.REPORT_REGISTERS]
     for kind, dump in dumps.items():
         assert dump.refused == {}, (kind, dump.refused)
-        assert list(dump.values) == expected
+        assert list(dump.values) == expected + (["zcr_el1"] if sve[kind] else [])  # SVE vCPUs: ZCR_EL1 too
         assert ARM64_RAM <= dump.values["pc"] < ARM64_RAM + (8 << 20)
         assert dump.values["mpidr_el1"] & 0xFFFFFF == 0
     for name in ("pc", "sp_el1", "x30", "pstate", "sctlr_el1"):  # the guest's own state, both kinds
@@ -203,9 +205,16 @@ def test_arm64_registers_normal_and_protected():
 
 @pytest.mark.timeout(300)
 def test_arm64_core_register_sizes_on_kvm():
-    """V registers are 128-bit, FPSR/FPCR 32-bit: KVM accepts the ids with those sizes."""
+    """V registers are 128-bit, FPSR/FPCR 32-bit: KVM accepts the ids with those sizes (on a vCPU without SVE:
+    with SVE the V registers live in the Z registers and KVM refuses them as core registers)."""
     require_arm64_kvm()
     vm, _ = _boot_arm64("normal")
+    with vm:
+        if CpuFeature.SVE in vm.cpu_features:
+            with pytest.raises(KvmError) as err:
+                vm.vcpus[0].get_one_reg(a64cpu.V[7])
+            assert err.value.errno == errno.EINVAL
+    vm, _ = _boot_arm64("normal", feature_request=FeatureRequest({CpuFeature.SVE: False}))
     with vm:
         vcpu = vm.vcpus[0]
         value = (0x0123456789ABCDEF << 64) | 0xFEDCBA9876543210

@@ -12,7 +12,11 @@ just below the device tree, and the device tree names it as a ``restricted-dma-p
 virtio device (``fdt.py``).
 
 Firmware entry registers: x0 = DTB address, x1 = RAM base, x2 = RAM size, x3 = DMA pool base,
-x4 = DMA pool size (both 0 without a pool).
+x4 = DMA pool size (both 0 without a pool).  Every image finds its boot arguments and initrd in /chosen.
+
+The vCPUs and GIC get what KVM offers the VM's type (``features.py``: PMU, SVE, pointer authentication, the ITS),
+less what the user switched off.  A guest can end with a status through the debug-exit register or PSCI
+SYSTEM_RESET2 with ``PSCI_RESET2_PYVMM_EXIT`` (``system_event``).
 """
 
 from __future__ import annotations
@@ -57,6 +61,21 @@ def place_dma_pool(ram: int, requested: int | None) -> DmaPool | None:
         raise ConfigError(f"a {size >> 10} KiB DMA pool (--dma-pool) leaves too little of the guest's "
                           f"{ram >> 10} KiB of RAM: give it more memory or a smaller --dma-pool")
     return DmaPool(gpa, size)
+
+
+def place_initrd(size: int, image_end: int, below: int, linux: bool, what: str = "initrd",
+                 limit: str = "the device tree") -> int:
+    """Where an initrd of SIZE bytes goes: for Linux at the first 2 MiB boundary after the kernel (as before);
+    for firmware as high as it fits, page-aligned, ending below BELOW (the DMA pool or the device tree), which
+    keeps it away from the scratch memory test guests use just above their image.  Pure: tests/test_arm64_fdt.py."""
+    if linux:
+        start = (image_end + (2 << 20) - 1) & ~((2 << 20) - 1)
+    else:
+        start = (below - size) & ~0xFFF
+    if start < image_end or start + size > below:
+        raise ConfigError(f"{what} ({size} bytes) does not fit in guest RAM between the image (ending at "
+                          f"{image_end:#x}) and {limit} at {below:#x}; give the guest more memory")
+    return start
 
 
 class Arm64:
@@ -137,24 +156,28 @@ class Arm64:
         """KVM_ARM_VCPU_INIT with the VM's features; SVE's vector lengths, then KVM_ARM_VCPU_FINALIZE; the GICv3
         (the PMU's interrupt is set between its creation and its CTRL_INIT, the PMU initialised after); the ITS."""
         feats = vm.cpu_features
+        SVE, PMU, ITS = features.CpuFeature.SVE, features.CpuFeature.PMU, features.CpuFeature.ITS
         cpu.init_vcpus(vm.fd, vm.vcpus, feats.vcpu_feature_bits())
-        if features.CpuFeature.SVE in feats:
-            for vcpu in vm.vcpus:
-                feats.sve_vector_lengths = features.configure_sve(vcpu, vm.feature_request.sve_vector_lengths
-                                                                  if vm.feature_request else None)
-        pmu = features.CpuFeature.PMU in feats
+        if SVE in feats:
+            with features.setting_up(SVE):
+                for vcpu in vm.vcpus:
+                    feats.sve_vector_lengths = features.configure_sve(vcpu, vm.feature_request.sve_vector_lengths
+                                                                      if vm.feature_request else None)
 
         def pmu_irqs() -> None:
-            for vcpu in vm.vcpus:
-                features.set_pmu_irq(vcpu)
+            with features.setting_up(PMU):
+                for vcpu in vm.vcpus:
+                    features.set_pmu_irq(vcpu)
 
-        vm.irqchip = gic.create_gicv3(vm.fd, before_init=pmu_irqs if pmu else None)  # per VM, not per Arch
+        vm.irqchip = gic.create_gicv3(vm.fd, before_init=pmu_irqs if PMU in feats else None)  # per VM, not per Arch
         vm.on_close.append(vm.irqchip.close)
-        if pmu:
-            for vcpu in vm.vcpus:
-                features.init_pmu(vcpu)
-        if features.CpuFeature.ITS in feats:
-            its = gic.create_its(vm.fd)
+        if PMU in feats:
+            with features.setting_up(PMU):
+                for vcpu in vm.vcpus:
+                    features.init_pmu(vcpu)
+        if ITS in feats:
+            with features.setting_up(ITS):
+                its = gic.create_its(vm.fd)
             vm.on_close.append(its.close)
             vm.devices["its"] = its
 
@@ -244,8 +267,12 @@ class Arm64:
             entry = img.entry
             image_end = img.high
             args = {0: dtb_addr, 1: layout.RAM_BASE, 2: ram, 3: pool.gpa if pool else 0, 4: pool.size if pool else 0}
-        if initrd:  # the first 2 MiB boundary after the image (a firmware's bss and stack included: see below)
-            initrd_range = self._load_initrd(vm, initrd, image_end, mode, below, pool is not None)
+        if initrd:
+            blob = read_image(initrd)
+            start = place_initrd(len(blob), image_end, below, linux=mode == "linux",
+                                 what=f"initrd {initrd}", limit="the DMA pool" if pool else "the device tree")
+            load_flat(vm.memory, blob, start, "initrd")
+            initrd_range = (start, start + len(blob))
         virtio = [(d.slot.base, d.slot.size, d.slot.irq) for d in vm.virtio]
         feats = vm.cpu_features
         dtb = fdt.build(fdt.DeviceTreeConfig(
@@ -262,27 +289,18 @@ class Arm64:
             vm.memory.declare_shared(pool.gpa, pool.size)
         cpu.enter(vm.vcpus[0], entry, args)
 
-    def _load_initrd(self, vm, path: str, image_end: int, mode: str, below: int, pool: bool) -> tuple[int, int]:
-        """Place the initrd at the first 2 MiB boundary after the image; for firmware, after the 1 MiB the
-        bundled guests keep for bss and stacks above their load address too."""
-        blob = read_image(path)
-        floor = image_end if mode == "linux" else max(image_end, layout.RAM_BASE + (1 << 20))
-        start = (floor + (2 << 20) - 1) & ~((2 << 20) - 1)
-        if start + len(blob) > below:
-            raise ConfigError(f"initrd {path} ({len(blob)} bytes at {start:#x}) does not fit in guest RAM below the "
-                              + ("DMA pool" if pool else "device tree") + "; give the guest more memory")
-        load_flat(vm.memory, blob, start, "initrd")
-        return start, start + len(blob)
-
     def system_event(self, vcpu: VcpuFd, event) -> tuple[ExitKind, int | None, str] | None:
         """PSCI SYSTEM_RESET2 with pyvmm's vendor reset type ends the run with the guest's status (x2, the
         cookie); SYSTEM_OFF2 is a power-off that says so.  None: the generic meaning of the event."""
         flags = event.data[0] if event.data else 0
         if event.type == uapi.KVM_SYSTEM_EVENT_RESET and flags & a64.KVM_SYSTEM_EVENT_RESET_FLAG_PSCI_RESET2:
-            reset_type, cookie = vcpu.get_one_reg(cpu.X[1]), vcpu.get_one_reg(cpu.X[2])
-            if reset_type & 0xFFFF_FFFF == PSCI_RESET2_PYVMM_EXIT:
-                return (ExitKind.GUEST_EXIT, cookie & 0xFF,
-                        f"guest exited with status {cookie & 0xFF} (PSCI SYSTEM_RESET2, pyvmm exit type "
+            try:  # KVM leaves x1 (reset type) and x2 (cookie) as the guest passed them; SMC32 ones zero-extended
+                reset_type, cookie = vcpu.get_one_reg(cpu.X[1]), vcpu.get_one_reg(cpu.X[2])
+            except KvmError as err:  # a pKVM that hides a protected vCPU's registers: a plain reset
+                return ExitKind.RESET, event.type, f"PSCI SYSTEM_RESET2 (x1/x2 unreadable: {err})"
+            if reset_type & 0xFFFF_FFFF == PSCI_RESET2_PYVMM_EXIT:  # the status as given: pyvmm run caps it at 255
+                return (ExitKind.GUEST_EXIT, cookie,
+                        f"guest exited with status {cookie} (PSCI SYSTEM_RESET2, pyvmm exit type "
                         f"{PSCI_RESET2_PYVMM_EXIT:#x})")
             return ExitKind.RESET, event.type, f"PSCI SYSTEM_RESET2 type {reset_type:#x} cookie {cookie:#x}"
         if event.type == uapi.KVM_SYSTEM_EVENT_SHUTDOWN and flags & a64.KVM_SYSTEM_EVENT_SHUTDOWN_FLAG_PSCI_OFF2:

@@ -78,7 +78,8 @@ def mpidr(vcpu_id: int) -> int:
 
 
 def registers(vcpu: VcpuFd, protected: bool | None = None) -> RegisterDump:
-    """pc, pstate, sp_el0/1, x0-x30, elr/spsr/esr/far/vbar/sctlr/ttbr0/ttbr1/tcr/mpidr_el1.  A register
+    """pc, pstate, sp_el0/1, x0-x30, elr/spsr/esr/far/vbar/sctlr/ttbr0/ttbr1/tcr/mpidr_el1, and zcr_el1 on a
+    vCPU with SVE (the vector length its guest chose).  A register
     KVM refuses is listed in ``refused`` with the errno and, on a protected VM, that pKVM hides it.
     (pKVM in Linux 7.2 does not hide them: KVM_GET_ONE_REG answers a protected vCPU's real values.)"""
     if protected is None:

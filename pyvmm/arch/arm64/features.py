@@ -12,6 +12,7 @@ is not offered is one ``MissingFeature`` naming the capability) or off.  Pure pa
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import enum
 from dataclasses import dataclass, field
@@ -25,7 +26,9 @@ from . import layout
 class CpuFeature(enum.Enum):
     PMU = "pmu"  # PMUv3: KVM_ARM_VCPU_PMU_V3, its PPI through the vCPU's PMU_V3_CTRL attributes
     SVE = "sve"  # KVM_ARM_VCPU_SVE, vector lengths in KVM_REG_ARM64_SVE_VLS, then KVM_ARM_VCPU_FINALIZE
-    PTRAUTH = "ptrauth"  # KVM_ARM_VCPU_PTRAUTH_ADDRESS and _GENERIC (both or neither)
+    # KVM_ARM_VCPU_PTRAUTH_ADDRESS and _GENERIC (both or neither).  Keep it on where offered: a guest that sees
+    # it in its ID registers (a protected VM's do) but runs on a vCPU without it takes UNDEF at its first key write.
+    PTRAUTH = "ptrauth"
     ITS = "its"  # the GICv3 ITS (KVM_DEV_TYPE_ARM_VGIC_ITS), the guest's MSI controller
 
 
@@ -175,6 +178,28 @@ def resolve(request: FeatureRequest | None, offered: dict[CpuFeature, Offer], ki
 
 
 # --- vCPU set-up for the features ------------------------------------------------------------------------
+
+class FeatureSetupError(KvmError):
+    """KVM refused a step of setting a feature up: the KVM error, and which feature and switch to turn it off."""
+
+    def __init__(self, feature: CpuFeature, err: KvmError):
+        super().__init__(err.call, err.errno)
+        self.feature = feature
+
+    def __str__(self) -> str:
+        return (f"setting up {self.feature.value.upper()} failed: {super().__str__()} "
+                f"(--cpu-features {self.feature.value}=off runs without it)")
+
+
+@contextlib.contextmanager
+def setting_up(feature: CpuFeature):
+    try:
+        yield
+    except FeatureSetupError:
+        raise
+    except KvmError as err:
+        raise FeatureSetupError(feature, err) from err
+
 
 def vqs_from_vls(words: int) -> list[int]:
     """The KVM_REG_ARM64_SVE_VLS bitmap (bit vq-1) -> vector lengths in bits."""

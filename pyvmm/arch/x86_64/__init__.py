@@ -59,8 +59,8 @@ class X86_64:
 
     def prepare_vm(self, vm) -> None:
         if vm.feature_request is not None:
-            raise ConfigError("--cpu-features is for arm64 VMs (PMU, SVE, pointer authentication, ITS); an x86_64 "
-                              "VM's CPUID is what KVM_GET_SUPPORTED_CPUID offers")
+            raise ConfigError("--cpu-features and --sve-vector-lengths are for arm64 VMs (PMU, SVE, pointer "
+                              "authentication, ITS); an x86_64 VM's CPUID is what KVM_GET_SUPPORTED_CPUID offers")
         vm.fd.set_tss_addr(layout.TSS_ADDR)
         vm.fd.set_identity_map_addr(layout.IDENTITY_MAP_ADDR)
         uart = Uart16550(vm.console.write)
