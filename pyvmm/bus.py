@@ -2,8 +2,9 @@
 
 Devices see only ``read(offset, size) -> bytes`` and ``write(offset, data)``;
 they never see KVM.  An access nobody claims reads as zeros and is logged once
-per address, as crosvm does; so is an access that starts inside a device but runs
-past its end (a device only ever sees offsets within its own range).
+per address (with -v), as crosvm does; so is an access that starts inside a device but runs
+past its end (a device only ever sees offsets within its own range).  ``summary()`` is the one line
+``pyvmm run`` prints at the end of a run when there were any.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class BusRange:
 
 
 MAX_LOGGED_ADDRESSES = 16
+SUMMARY_ACCESSES = 3
 
 
 class Bus:
@@ -48,6 +50,7 @@ class Bus:
         self._lock = threading.Lock()  # one device access at a time (devices need not be thread-safe)
         self._unclaimed_seen: set[tuple[int, bool]] = set()
         self.unclaimed_count = 0
+        self.unclaimed_first: list[str] = []  # the first SUMMARY_ACCESSES unclaimed accesses, for summary()
 
     def insert(self, device: BusDevice, base: int, size: int, name: str | None = None) -> BusRange:
         if size <= 0:
@@ -86,8 +89,11 @@ class Bus:
         return list(self._table[1])
 
     def _unclaimed(self, addr: int, size: int, is_write: bool, straddles: BusRange | None = None) -> None:
+        why = f" (runs past the end of {straddles.name} at {straddles.end:#x})" if straddles else ""
         with self._lock:
             self.unclaimed_count += 1
+            if len(self.unclaimed_first) < SUMMARY_ACCESSES:
+                self.unclaimed_first.append(f"{'write' if is_write else 'read'} of {size} at {addr:#x}{why}")
             key = (addr, is_write)
             if key in self._unclaimed_seen or len(self._unclaimed_seen) > MAX_LOGGED_ADDRESSES:
                 return
@@ -97,9 +103,18 @@ class Bus:
             log.warning("%s bus: more than %d unclaimed addresses; not logging further ones",
                         self.name, MAX_LOGGED_ADDRESSES)
             return
-        why = f" (runs past the end of {straddles.name} at {straddles.end:#x})" if straddles else ""
         log.warning("%s bus: unclaimed %s of %d bytes at %#x%s%s", self.name, "write" if is_write else "read",
                     size, addr, why, "" if is_write else " (reads as 0)")
+
+    def summary(self) -> str | None:
+        """One line on the accesses nobody claimed (None if there were none): how many, the first few."""
+        with self._lock:
+            count, first = self.unclaimed_count, list(self.unclaimed_first)
+        if not count:
+            return None
+        more = f", ... ({count - len(first)} more)" if count > len(first) else ""
+        return (f"{count} unclaimed {self.name} access{'es' if count > 1 else ''} (reads returned 0, writes were "
+                f"dropped): {', '.join(first)}{more}")
 
     def _claim(self, addr: int, size: int, is_write: bool) -> BusRange | None:
         """The device that owns the whole access [addr, addr+size), or None (counted as unclaimed)."""

@@ -1,11 +1,8 @@
 """The ``pyvmm`` command: ``run`` a guest, show this host's KVM ``caps``, ``check`` a configuration without
 running it, run the backing ``matrix``, or run fault ``scenario``s.
 
-Exit status of ``run``: 0 when the guest halted, powered off, reset or exited
-with status 0; the guest's status (1-255) for a non-zero debug-exit (arm64: or PSCI
-SYSTEM_RESET2 with pyvmm's exit type); 1 with a
-fault report when KVM_RUN failed or the guest crashed or triple-faulted; 124 on
-timeout; 2 for bad input or a host that cannot run the VM (one line, no traceback).
+Exit status of ``run``: ``EXIT_STATUSES`` (0 clean end, N the guest's status, 1 fault, 2 bad input,
+124 timeout, 128 + the signal for SIGHUP, SIGINT and SIGTERM, which stop pyvmm cleanly at any moment).
 """
 
 from __future__ import annotations
@@ -13,10 +10,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import contextlib
+import errno
 import json
 import logging
+import math
+import os
 import re
 import signal
+import stat
 import sys
 import threading
 
@@ -25,9 +26,11 @@ from devices.virtio.net import parse_mac
 from .caps import format_caps, probe
 from .kvm import Kvm
 from .kvm.errors import ConfigError, MissingFeature, PyvmmError
-from .memory.backing import BackingSpec
+from .memory.backing import BackingKind, BackingSpec
 from .outcome import ExitKind, Outcome
-from .terminal import ESCAPE_HELP, StdinForwarder
+from .runloop import signal_stop_of, stop_runs_from_now
+from .terminal import ESCAPE_HELP, StdinForwarder, discard_output
+from .vcpu import ensure_kick_is_harmless
 from .virtio import DMA_POOL_ALIGN
 from .vm import Vm, file_echo, stdout_echo
 
@@ -35,6 +38,7 @@ EXIT_BAD_INPUT = 2
 EXIT_FAULT = 1
 EXIT_TIMEOUT = 124
 
+MAX_SIZE = 1 << 52  # the largest guest physical address space (arm64 LPA, x86 MAXPHYADDR 52)
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
@@ -43,9 +47,12 @@ def parse_size(text: str) -> int:
     m = re.fullmatch(r"\s*(0x[0-9a-fA-F]+|\d+)\s*([KMGT]?)(?:i?B)?\s*", text, re.IGNORECASE)
     if not m:
         raise ConfigError(f"bad size {text!r} (use e.g. 64M, 2G, 4096 or 0x100000)")
-    value = int(m.group(1), 0) * _UNITS[m.group(2).upper()]
+    digits = m.group(1)
+    value = int(digits, 16 if digits[:2].lower() == "0x" else 10) * _UNITS[m.group(2).upper()]
     if value <= 0:
         raise ConfigError(f"bad size {text!r}: must be positive")
+    if value > MAX_SIZE:
+        raise ConfigError(f"bad size {text!r}: more than {MAX_SIZE >> 40} TiB (what a 52-bit guest address space holds)")
     return value
 
 
@@ -55,9 +62,11 @@ def parse_region(text: str) -> tuple[int, int, BackingSpec]:
     if len(parts) < 2:
         raise ConfigError(f"bad region {text!r} (use GPA,SIZE[,BACKING], e.g. 0x10000000,2M,memfd)")
     try:
-        gpa = int(parts[0], 0)
+        gpa = int(parts[0].strip(), 0)
     except ValueError:
         raise ConfigError(f"bad region {text!r}: guest address {parts[0]!r} is not a number") from None
+    if not 0 <= gpa < MAX_SIZE:
+        raise ConfigError(f"bad region {text!r}: guest address {parts[0]!r} is outside [0, 2^52)")
     backing = BackingSpec.parse(parts[2]) if len(parts) > 2 else BackingSpec.parse("anon")
     return gpa, parse_size(parts[1]), backing
 
@@ -85,13 +94,19 @@ def _pool_size(text: str) -> int:
     return size
 
 
+MAX_TIMEOUT = 366 * 86400.0  # a year: beyond it the deadline overflows the clocks pyvmm waits on
+
+
 def _timeout(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError("the timeout must be positive")
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number of seconds")
+    if value <= 0 or value > MAX_TIMEOUT:
+        raise argparse.ArgumentTypeError(f"{text!r}: the timeout must be more than 0 and at most {MAX_TIMEOUT:.0f} "
+                                         "seconds (a year)")
     return value
 
 
@@ -120,9 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="boot a guest (default: the bundled hello)", parents=[shape],
                          description="Boot a guest image.  Without IMAGE, boots the bundled hello for this host.",
-                         epilog="exit status: 0 clean end, N guest's exit status (debug-exit; arm64 PSCI "
-                                "SYSTEM_RESET2 type 0x80007079, status in x2), 1 fault (report printed), 124 timeout, "
-                                "2 bad input")
+                         epilog=exit_status_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     run.add_argument("image", nargs="?", help="firmware (ELF or flat binary) or Linux kernel image")
     run.add_argument("-t", "--timeout", type=_timeout, default=None, help="stop the guest after this many seconds")
     run.add_argument("--report-json", metavar="FILE", help="write the outcome and any fault report as JSON")
@@ -253,8 +266,6 @@ def parse_net(text: str) -> tuple[str | None, str | None]:
 
 def check_output_path(path: str, what: str) -> None:
     """An output file must be creatable: checked before any VM exists."""
-    import os
-
     parent = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
         raise ConfigError(f"{what} {path}: is a directory")
@@ -264,16 +275,48 @@ def check_output_path(path: str, what: str) -> None:
         raise ConfigError(f"{what} {path}: permission denied")
 
 
+EXIT_SIGNALLED = 128  # + the signal's number, as a shell reports a process a signal ended
+
+# The exit statuses of `pyvmm run`, (status, meaning): the one table its --help and the README show.
+EXIT_STATUSES: list[tuple[str, str]] = [
+    ("0", "clean end: the guest halted, powered off or reset, wrote exit status 0, or a debug exit"),
+    ("N", "the guest's exit status (1-255; larger ones are capped at 255): the debug-exit device (x86 port 0x501, "
+          "arm64 register 0x09010000) or arm64 PSCI SYSTEM_RESET2 with reset type 0x80007079 and the status in x2.  A guest may choose any of the statuses below too (1 above all): "
+          "the last `pyvmm: KIND: ...` line on stderr says which it was"),
+    ("1", "a fault (KVM_RUN failed, a failure exit, the guest crashed or triple-faulted; a report is printed) or "
+          "pyvmm's own error on a vCPU thread"),
+    ("2", "bad input, or a host that cannot run the VM (one line, no traceback)"),
+    ("124", "timeout (--timeout)"),
+    ("129", "SIGHUP (128 + 1): the guest stopped, everything closed"),
+    ("130", "SIGINT (128 + 2): Ctrl-C where stdin is not a terminal or before the guest runs, or Ctrl-] q on a "
+            "terminal (raw mode: Ctrl-C goes to the guest)"),
+    ("143", "SIGTERM (128 + 15): the guest stopped, everything closed"),
+]
+
+
 def _exit_status(outcome: Outcome) -> int:
+    """The status `pyvmm run` ends with (EXIT_STATUSES)."""
     if outcome.kind in (ExitKind.HALT, ExitKind.POWER_OFF, ExitKind.RESET, ExitKind.DEBUG):
         return 0
-    if outcome.kind is ExitKind.STOPPED:  # 128 + the signal that stopped it (Ctrl-C and Ctrl-] q: 130)
-        return 128 + (outcome.status or signal.SIGINT)
+    if outcome.kind is ExitKind.STOPPED:  # 128 + the signal that stopped it; Ctrl-] q (no signal) counts as SIGINT
+        return min(EXIT_SIGNALLED + (outcome.status or signal.SIGINT), 255)
     if outcome.kind is ExitKind.GUEST_EXIT:
-        return min(outcome.status or 0, 255)
+        return max(0, min(outcome.status or 0, 255))
     if outcome.kind is ExitKind.TIMEOUT:
         return EXIT_TIMEOUT
     return EXIT_FAULT
+
+
+def exit_status_help() -> str:
+    """EXIT_STATUSES as `pyvmm run --help` shows them."""
+    import textwrap
+
+    lines = ["exit status:"]
+    for status, meaning in EXIT_STATUSES:
+        wrapped = textwrap.wrap(meaning.replace("`", ""), 70)
+        lines.append(f"  {status:<5}{wrapped[0]}")
+        lines += [f"       {w}" for w in wrapped[1:]]
+    return "\n".join(lines)
 
 
 def _outcome_dict(outcome: Outcome) -> dict:
@@ -302,33 +345,160 @@ def print_device_faults(outcome: Outcome) -> None:
         print(f"pyvmm:   ... and {total - SHOWN_DEVICE_FAULTS} more ({kept})", file=sys.stderr)
 
 
+# What pyvmm stops cleanly on.  SIGQUIT keeps its default action (quit and dump core): the way to get a core of a
+# pyvmm that does not stop.  pyvmm/__main__.py handles these three while pyvmm itself is being imported.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+_STOPPED_BY = {signal.SIGINT: "interrupted (SIGINT)", signal.SIGTERM: "stopped by SIGTERM",
+               signal.SIGHUP: "stopped by SIGHUP"}  # the outcome's detail: "pyvmm: stopped: stopped by SIGTERM"
+
+
+def signal_line(signum: int) -> str:
+    """What pyvmm says when a signal ended it before any guest ran."""
+    return "pyvmm: interrupted" if signum == signal.SIGINT else f"pyvmm: stopped by {signal.Signals(signum).name}"
+
+
 class Signalled(BaseException):
-    """SIGTERM or SIGHUP before the guest runs: unwind (closing everything, restoring the terminal)."""
+    """The first SIGINT, SIGTERM or SIGHUP before the guest runs (or in a command that runs none): raised in the
+    main thread, it unwinds the set-up, closing everything on its way; ``main`` says so in one line and returns
+    128 + the signal."""
 
     def __init__(self, signum: int):
         super().__init__(signum)
         self.signum = signum
 
 
+class _SignalStop:
+    """pyvmm's answer to SIGINT, SIGTERM and SIGHUP, from the first line of ``main`` to its last:
+
+    * the first one before the guest runs raises ``Signalled`` (the set-up unwinds; status 128 + signal);
+    * the first one once the guest runs, or is about to, stops it: the handler asks the run loop
+      (``SignalStop.request``: no lock, nothing raised), the run ends STOPPED and the command ends as it
+      always does: console flushed, terminal restored, every fd closed, status 128 + signal;
+    * every later one, and any once the guest has run or the status is known: ignored.  So nothing is
+      ever raised while anything is closed or joined: no half-closed VM, no traceback, no "release
+      unlocked lock", and a second Ctrl-C a millisecond after the first changes nothing.
+
+    Installed only on the main thread (the only one Python lets install handlers)."""
+
+    def __init__(self):
+        self.received: int | None = None  # the first signal
+        self.ignored = 0  # signals after it (or after the end)
+        self.finished = False  # the command's status is known: signals change nothing any more
+        self.vm_boxes: list[list] = []  # stop_on_signals(vm_box): the VMs a signal stops instead of raising
+        self._previous: dict[int, object] = {}
+
+    def handle(self, signum: int, frame) -> None:
+        if self.received is not None or self.finished:
+            self.ignored += 1
+            return
+        self.received = signum
+        outcome = Outcome(ExitKind.STOPPED, status=int(signum), detail=_STOPPED_BY[signum])
+        for box in self.vm_boxes:
+            for vm in box:
+                stop = signal_stop_of(vm)
+                if stop is not None:  # running, about to, or has run: never raise
+                    stop.request(outcome)
+                    return
+        # Should code on the way swallow the exception (a bare except), the run it lets start stops at once
+        stop_runs_from_now(outcome)
+        raise Signalled(signum)
+
+    def install(self) -> bool:
+        global _active
+        if threading.current_thread() is not threading.main_thread() or _active is not None:
+            return False
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # all three at once: none half-handled
+        try:
+            for sig in STOP_SIGNALS:
+                self._previous[sig] = signal.signal(sig, self.handle)
+            _active = self
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)  # one that came meanwhile is handled now
+        ensure_kick_is_harmless()
+        early = [old.received for old in self._previous.values() if getattr(old, "received", None)]
+        if early:  # noted by pyvmm/__main__.py while pyvmm was imported: act on it now
+            self.handle(early[0], None)
+        return True
+
+    def restore(self) -> None:
+        """Put the previous handlers back; except those of pyvmm's entry point (pyvmm/__main__.py): the process
+        ends now, and this one (finished: it ignores every signal) covers that last stretch."""
+        global _active
+        self.finished = True
+        if _active is self:
+            stop_runs_from_now(None)
+        for sig, old in self._previous.items():
+            if not getattr(old, "pyvmm_entry", False):
+                signal.signal(sig, old)
+        self._previous.clear()
+        if _active is self:
+            _active = None
+
+
+_active: _SignalStop | None = None  # main()'s, while it runs
+
+
 @contextlib.contextmanager
 def stop_on_signals(vm_box: list):
-    """SIGTERM and SIGHUP stop the run cleanly (status 128 + signal) instead of killing pyvmm mid-way."""
-    def handler(signum, frame):
-        vm = vm_box[0] if vm_box else None
-        if vm is not None and vm.running:
-            vm.request_stop(Outcome(ExitKind.STOPPED, status=signum, detail=f"stopped by {signal.Signals(signum).name}"))
-        else:
-            raise Signalled(signum)
-
-    if threading.current_thread() is not threading.main_thread():  # only the main thread may install handlers
+    """Within it, SIGINT, SIGTERM and SIGHUP stop the VM put in ``vm_box`` once it runs, instead of raising
+    (``_SignalStop``).  Under ``main()`` (always, for the command) this attaches ``vm_box`` to main's handlers
+    and leaves it attached: a signal after the run, while the outcome is printed, must still see that a guest ran.
+    Called on its own, it installs the handlers for its duration."""
+    if _active is not None:
+        _active.vm_boxes.append(vm_box)
         yield
         return
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    signals = _SignalStop()
+    signals.vm_boxes.append(vm_box)
+    signals.install()
     try:
         yield
     finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
+        signals.restore()
+
+
+@contextlib.contextmanager
+def _unless_gone(stream):
+    """Writing to ``stream`` fails because it is gone (its pipe closed: ``pyvmm run | head``; its terminal hung
+    up): drop the rest of the block's output there; the exit status and --report-json still count."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno not in (errno.EPIPE, errno.EIO, errno.ENXIO):
+            raise
+        discard_output(stream)
+
+
+def _say(line: str) -> None:
+    with _unless_gone(sys.stderr):
+        print(line, file=sys.stderr, flush=True)
+
+
+def _check_paths(args, backings: list[BackingSpec], disks: list[tuple[str, bool]]) -> None:
+    """Every file the run will read or map, checked before any VM exists: the kind of file each option expects
+    (a FIFO would block, /dev/zero read forever).  The files are read later; this is their kind and presence."""
+    from .paths import file_kind, stat_path
+
+    def regular(path: str, what: str, may_be_missing: bool = False) -> None:
+        try:
+            st = stat_path(path, what)
+        except ConfigError:
+            if may_be_missing and not os.path.lexists(path):
+                return
+            raise
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(f"{what} {path}: {file_kind(st.st_mode)}; a regular file is expected")
+        if st.st_size == 0 and not may_be_missing:  # file: backings are extended to the slot's size
+            raise ConfigError(f"{what} {path}: file is empty")
+
+    for path, what in ((args.image, "guest image"), (args.initrd, "--initrd"), (args.pvmfw, "--pvmfw")):
+        if path is not None:
+            regular(path, what)
+    for path, _readonly in disks:
+        regular(path, "--disk")
+    for spec in backings:
+        if spec.kind is BackingKind.FILE:
+            regular(spec.arg, "backing file", may_be_missing=True)  # created when missing
 
 
 def _feature_request(args):
@@ -352,6 +522,7 @@ def cmd_run(args) -> int:
     if args.report_json is not None:
         check_output_path(args.report_json, "--report-json")
     feature_request = _feature_request(args)
+    _check_paths(args, [backing, *(spec for _, _, spec in regions)], disks)
     boot_opts = {"mode": args.boot, "console": args.console}
     for key in ("cmdline", "initrd", "pvmfw"):
         if getattr(args, key) is not None:
@@ -391,14 +562,20 @@ def cmd_run(args) -> int:
             finally:
                 if virtio_console is not None:
                     virtio_console.close()  # a forwarder waiting for the guest to take input returns
-    sys.stdout.flush()
-    print(f"pyvmm: {outcome.kind.value}: {outcome.detail}", file=sys.stderr)
-    print_device_faults(outcome)
-    if outcome.report is not None:
-        print(outcome.report.text(), file=sys.stderr)
+        unclaimed = [s for s in (vm.io_bus.summary(), vm.mmio_bus.summary()) if s]
+    with _unless_gone(sys.stdout):  # the guest's console, all of it, before what pyvmm says
+        sys.stdout.flush()
+    with _unless_gone(sys.stderr):
+        print(f"pyvmm: {outcome.kind.value}: {outcome.detail}", file=sys.stderr)
+        print_device_faults(outcome)
+        for line in unclaimed:  # accesses no device served: the details are logged with -v
+            print(f"pyvmm: {line}" + ("" if args.verbose else " (-v logs each address)"), file=sys.stderr)
+        if outcome.report is not None:
+            print(outcome.report.text(), file=sys.stderr)
+        sys.stderr.flush()
     if args.report_json:
         with open(args.report_json, "w") as f:
-            json.dump({"outcome": _outcome_dict(outcome),
+            json.dump({"outcome": {**_outcome_dict(outcome), "unclaimed": unclaimed},
                        "report": outcome.report.to_dict() if outcome.report else None}, f, indent=2)
             f.write("\n")
     return _exit_status(outcome)
@@ -495,6 +672,43 @@ COMMANDS = {"run": cmd_run, "caps": cmd_caps, "scenario": cmd_scenario, "check":
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The pyvmm command; returns its exit status.  SIGINT, SIGTERM and SIGHUP are pyvmm's from the first line
+    (``_SignalStop``): a clean stop, one line, status 128 + signal."""
+    signals = _SignalStop()
+    try:
+        try:
+            signals.install()
+            status = _main(argv)
+        finally:
+            signals.finished = True
+    except BaseException as exc:  # Signalled; KeyboardInterrupt (main() on a thread of its own)
+        signum = _signal_of(exc)
+        if signum is None:
+            raise
+        _say(signal_line(signum))
+        status = EXIT_SIGNALLED + signum
+    finally:
+        signals.restore()
+    with _unless_gone(sys.stdout):  # pyvmm ... | head: what stdout still holds goes nowhere, quietly
+        sys.stdout.flush()
+    return status
+
+
+def _signal_of(exc: BaseException | None) -> int | None:
+    """The signal behind ``exc``: a ``Signalled``, a KeyboardInterrupt, or an exception some code turned one of
+    them into (Python itself does: an exception in ``__set_name__`` becomes a RuntimeError)."""
+    for _ in range(8):
+        if exc is None or isinstance(exc, (SystemExit, PyvmmError)):
+            return None
+        if isinstance(exc, Signalled):
+            return exc.signum
+        if isinstance(exc, KeyboardInterrupt):
+            return signal.SIGINT
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.ERROR,
@@ -504,14 +718,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except PyvmmError as err:
-        print(f"pyvmm: error: {err}", file=sys.stderr)
+        _say(f"pyvmm: error: {err}")
         return EXIT_BAD_INPUT
-    except KeyboardInterrupt:  # during set-up; a running guest is stopped by the run loop instead
-        print("pyvmm: interrupted", file=sys.stderr)
-        return 130
-    except Signalled as sig:
-        print(f"pyvmm: stopped by {signal.Signals(sig.signum).name}", file=sys.stderr)
-        return 128 + sig.signum
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import struct
 from dataclasses import dataclass
 from typing import Sequence
 
+from .paths import read_regular
 from .kvm.errors import ConfigError
 from .memory.regions import GuestMemory
 
@@ -24,19 +25,12 @@ class LoadedImage:
     elf_class: int | None = None  # 1 = 32-bit, 2 = 64-bit
 
 
-def read_image(path: str) -> bytes:
-    if not os.path.exists(path):
-        raise ConfigError(f"guest image {path}: no such file")
-    if os.path.isdir(path):
-        raise ConfigError(f"guest image {path}: is a directory")
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except PermissionError:
-        raise ConfigError(f"guest image {path}: permission denied") from None
-    if not data:
-        raise ConfigError(f"guest image {path}: file is empty")
-    return data
+MAX_IMAGE = 1 << 30  # what pyvmm reads into memory for a kernel, firmware or initrd
+
+
+def read_image(path: str, what: str = "guest image") -> bytes:
+    """A kernel, firmware or initrd: a regular, non-empty file of at most MAX_IMAGE bytes (paths.read_regular)."""
+    return read_regular(path, what, MAX_IMAGE)
 
 
 def is_elf(data: bytes) -> bool:

@@ -14,17 +14,31 @@ decides what an exit means.  ``VcpuFd.run()`` hands over typed exits (``pyvmm/kv
 * ``Hlt`` parks the vCPU (the VM halts when all have); ``Shutdown``, ``SystemEvent``, ``Debug``
   and failures end the VM with an ``Outcome``; ``Hypercall`` is answered; ``Intr`` loops.
 
-The first outcome wins (``finish``); every vCPU is then kicked and every join is bounded.
+The first outcome wins (``finish``); every vCPU is then kicked and every join is bounded.  The
+console is told too (``Console.stopping``): a vCPU or device thread waiting for a reader that does not
+read gives the write up instead of holding the VM's end back.
+
+Signals.  ``finish`` takes locks, so a signal handler (which runs on the main thread, between two of
+its bytecodes, perhaps while that thread holds one of those very locks) must not call it: a handler
+asks the run's ``SignalStop`` instead, which only stores the outcome; ``run()`` waits in slices of
+``SIGNAL_POLL`` seconds and ends the run with it.  ``signal_stop_of(vm)`` finds the ``SignalStop`` of a
+VM's current or last run, also while ``Vm.run()`` is still setting it up or already returning: a stop
+asked for then is neither lost (the run ends at once) nor harmful (after the run it changes nothing).
+Without such a handler (pyvmm as a library, Python's default SIGINT handler), Ctrl-C raises
+``KeyboardInterrupt`` in ``run()``, which ends the run STOPPED; further Ctrl-Cs until ``run()``
+returns are ignored (we are stopping already).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import logging
 import signal
 import threading
 import time
+import weakref
 from typing import TYPE_CHECKING, Callable
 
 from .kvm import exits, uapi
@@ -41,6 +55,58 @@ log = logging.getLogger("pyvmm.run")
 KVM_ENOSYS = 1000  # include/uapi/linux/kvm_para.h
 JOIN_LIMIT = 5.0  # seconds a vCPU thread gets to leave KVM_RUN after the VM ended
 KICK_INTERVAL = 0.05
+SIGNAL_POLL = 0.05  # seconds between two looks at a stop asked for by a signal handler (SignalStop)
+
+
+class SignalStop:
+    """What a signal handler may do to one run: ask it to end (``request``) and see whether it has (``ended``).
+    Takes no lock and kicks nobody (the run loop does that within ``SIGNAL_POLL`` seconds)."""
+
+    def __init__(self):
+        self.outcome: Outcome | None = None
+        self.ended = False  # run() has returned: a stop changes nothing any more
+
+    def request(self, outcome: Outcome) -> bool:
+        """End the run with ``outcome`` (unless another outcome comes first); False when the run is over."""
+        if self.ended:
+            return False
+        if self.outcome is None:
+            self.outcome = outcome
+        return True
+
+
+_SIGNAL_STOPS: "weakref.WeakKeyDictionary[Vm, SignalStop]" = weakref.WeakKeyDictionary()
+
+
+def signal_stop_of(vm: "Vm") -> SignalStop | None:
+    """The ``SignalStop`` of ``vm``'s current or last ``run()`` (None before the first); takes no lock."""
+    return _SIGNAL_STOPS.get(vm)
+
+
+_stop_from_now: Outcome | None = None
+
+
+def stop_runs_from_now(outcome: Outcome | None) -> None:
+    """The process is being stopped (pyvmm's command got a signal before its guest ran): every run that starts
+    from now on ends at once with ``outcome``; None: no more.  Takes no lock."""
+    global _stop_from_now
+    _stop_from_now = outcome
+
+
+@contextlib.contextmanager
+def _second_sigint_ignored():
+    """After a first Ctrl-C (Python's default handler, KeyboardInterrupt) while the run is being stopped: more
+    Ctrl-Cs change nothing, so none raises inside the stopping (a lock, a join, threading's internals)."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield
+        return
+    signal.signal(signal.SIGINT, lambda signum, frame: None)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
 
 SYSTEM_EVENT_KINDS = {
     uapi.KVM_SYSTEM_EVENT_SHUTDOWN: ExitKind.POWER_OFF,
@@ -59,6 +125,9 @@ class RunLoop:
         self._lock = threading.Lock()
         self._done = threading.Event()
         self._stopping = threading.Event()
+        self.signal_stop = SignalStop()
+        if _stop_from_now is not None:
+            self.signal_stop.request(_stop_from_now)
         # exit type -> handler(vcpu, exit); True when this vCPU's thread is done
         self._handlers: dict[type, Callable[[Vcpu, exits.VcpuExit], bool]] = {
             exits.Io: self._io,
@@ -70,6 +139,7 @@ class RunLoop:
             exits.Hypercall: self._hypercall,
             exits.Debug: self._debug,
         }
+        _SIGNAL_STOPS[vm] = self.signal_stop  # (it must not refer to the VM: the VM would never be freed)
 
     # --- ending the VM --------------------------------------------------------------------
     def finish(self, outcome: Outcome) -> None:
@@ -78,23 +148,52 @@ class RunLoop:
             if self._outcome is None:
                 self._outcome = outcome
         self._stopping.set()
+        self._console_stopping(True)
         for vcpu in self.vcpus:
             vcpu.kick()
         self._done.set()
 
+    def _console_stopping(self, stopping: bool) -> None:
+        """While the VM stops, a console echo whose reader does not read gives up (``Console.stopping``)."""
+        console = getattr(self.vm, "console", None)
+        if console is not None:
+            console.stopping = stopping
+
     def run(self, timeout: float | None = None) -> Outcome:
-        try:  # a Ctrl-C while the threads start stops the ones already started, like any other
-            self._start_all()
-            if all(v.state is VcpuState.HALTED for v in self.vcpus):
-                self.finish(Outcome(ExitKind.HALT, detail="every vCPU is halted"))
-            if not self._done.wait(timeout):
+        self._console_stopping(False)
+        try:
+            with contextlib.ExitStack() as quiet:
+                try:  # a Ctrl-C while the threads start stops the ones already started, like any other
+                    self._start_all()
+                    if all(v.state is VcpuState.HALTED for v in self.vcpus):
+                        self.finish(Outcome(ExitKind.HALT, detail="every vCPU is halted"))
+                    self._wait(timeout)
+                except KeyboardInterrupt:
+                    quiet.enter_context(_second_sigint_ignored())
+                    self.finish(Outcome(ExitKind.STOPPED, status=int(signal.SIGINT), detail="interrupted (SIGINT)"))
+                except BaseException:  # e.g. a thread that could not start: stop the ones that did, then say why
+                    self.finish(Outcome(ExitKind.STOPPED, detail="the run could not start"))
+                    self._join_all()
+                    raise
+                return self._result()
+        finally:
+            self.signal_stop.ended = True
+
+    def _wait(self, timeout: float | None) -> None:
+        """Until the run ends, the timeout passes or a signal handler asks for a stop (``signal_stop``)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if self.signal_stop.outcome is not None:
+                self.finish(self.signal_stop.outcome)
+                return
+            slice_ = SIGNAL_POLL if deadline is None else min(SIGNAL_POLL, max(deadline - time.monotonic(), 0))
+            if self._done.wait(slice_):
+                return
+            if deadline is not None and time.monotonic() >= deadline:
                 self.finish(Outcome(ExitKind.TIMEOUT, detail=f"the guest did not finish within {timeout} s"))
-        except KeyboardInterrupt:
-            self.finish(Outcome(ExitKind.STOPPED, detail="interrupted (SIGINT)"))
-        except BaseException:  # e.g. a thread that could not start: stop the ones that did, then say why
-            self.finish(Outcome(ExitKind.STOPPED, detail="the run could not start"))
-            self._join_all()
-            raise
+                return
+
+    def _result(self) -> Outcome:
         stuck = self._join_all()
         outcome = dataclasses.replace(self._outcome)  # ours to annotate: the caller of request_stop keeps its own
         if stuck:
@@ -186,6 +285,7 @@ class RunLoop:
             if claimed:
                 self._outcome = outcome
         self._stopping.set()
+        self._console_stopping(True)
         for other in self.vcpus:
             if other is not vcpu:
                 other.kick()

@@ -21,6 +21,22 @@ from .vcpu import PROCESS_SIGNALS
 
 log = logging.getLogger("pyvmm.terminal")
 
+
+def discard_output(stream) -> None:
+    """``stream`` (sys.stdout, sys.stderr) can no longer be written (a closed pipe: ``pyvmm run | head``; a hung-up
+    terminal): point its fd at /dev/null, so what is still buffered or written later (Python's own flush at exit
+    included) vanishes quietly instead of raising again, as the Python docs advise for SIGPIPE."""
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, ValueError):  # not a real file (a test's capture): nothing to redirect
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.dup2(devnull, fd, inheritable=fd <= 2)
+    finally:
+        os.close(devnull)
+
+
 ESCAPE = 0x1D  # Ctrl-]
 ESCAPE_HELP = "Ctrl-] q ends the VM (Ctrl-] Ctrl-] sends one Ctrl-] to the guest)"
 
@@ -117,8 +133,11 @@ class StdinForwarder:
             self._stop_r = self._stop_w = None
             self._thread = None
         if self._saved is not None:
-            termios.tcsetattr(self.fd, termios.TCSADRAIN, self._saved)
-            self._saved = None
+            saved, self._saved = self._saved, None
+            try:
+                termios.tcsetattr(self.fd, termios.TCSADRAIN, saved)
+            except (termios.error, OSError) as err:  # the terminal is gone (SIGHUP: hung up): nothing to restore
+                log.info("terminal not restored: %s", err)
 
     def __enter__(self) -> "StdinForwarder":
         self.start()

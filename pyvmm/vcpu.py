@@ -9,8 +9,14 @@ How a vCPU is stopped, from any thread, without a race (as QEMU, kvmtool and cro
   and the next ``KVM_RUN`` returns EINTR at once; the thread then consumes it (``sigtimedwait``).
 * ``kick()`` also sets ``immediate_exit``, so a thread about to enter ``KVM_RUN`` leaves at once.
 
-No signal handler runs for the kick, so this works whichever thread calls ``Vm.run()`` (a test
-runner, a script's worker thread): nothing depends on installing a handler from the main thread.
+No signal handler runs for a kick sent to a vCPU thread (it is blocked there outside ``KVM_RUN``, and
+consumed by ``sigtimedwait`` after), so this works whichever thread calls ``Vm.run()`` (a test runner, a
+script's worker thread): nothing depends on installing a handler from the main thread.
+
+But ``KICK_SIGNAL``'s default action is to terminate the process, and a kick sent to the *process*
+(``kill(pid, SIGRTMIN+2)`` from outside) goes to any thread that does not block it: the main thread,
+a device thread.  So the first ``Vcpu`` made on the main thread gives the kick a handler that does
+nothing, process-wide (``ensure_kick_is_harmless``; pyvmm's command always makes its vCPUs there).
 """
 
 from __future__ import annotations
@@ -32,6 +38,20 @@ BLOCKED_IN_VCPU_THREADS = PROCESS_SIGNALS | {KICK_SIGNAL}
 PR_SET_NAME = 15
 
 
+def _kick_elsewhere(signum, frame) -> None:
+    """A kick that reached a thread other than a vCPU's (sent to the process from outside): nothing to do."""
+
+
+def ensure_kick_is_harmless() -> bool:
+    """Give ``KICK_SIGNAL`` a no-op handler if it still has its default action (terminate the process).
+    Only the main thread may install handlers: elsewhere this does nothing.  True when the kick is handled."""
+    if threading.current_thread() is not threading.main_thread():
+        return signal.getsignal(KICK_SIGNAL) not in (signal.SIG_DFL, None)
+    if signal.getsignal(KICK_SIGNAL) in (signal.SIG_DFL, None):
+        signal.signal(KICK_SIGNAL, _kick_elsewhere)
+    return True
+
+
 class VcpuState(enum.Enum):
     IDLE = "idle"  # created; its thread is not running
     RUNNING = "running"  # its thread is in the run loop
@@ -48,6 +68,7 @@ class Vcpu:
     """Runs one ``VcpuFd`` on a thread of its own; ``kick()`` gets it out of KVM_RUN from any thread."""
 
     def __init__(self, fd: VcpuFd):
+        ensure_kick_is_harmless()
         self.fd = fd
         self.index = fd.vcpu_id
         self.state = VcpuState.IDLE

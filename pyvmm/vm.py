@@ -8,7 +8,11 @@ kernel-log watcher.
 
 from __future__ import annotations
 
+import errno
+import math
 import os
+import select
+import signal
 import stat
 import sys
 import logging
@@ -21,12 +25,13 @@ from .hostinfo import KmsgWatcher
 from .kvm import Kvm
 from .kvm.errors import ConfigError, PyvmmError
 from .kvm.vcpu import VcpuFd
-from .memory.backing import Backing, BackingSpec
-from .memory.regions import GuestMemory, MemoryRegion
+from .memory.backing import Backing, BackingKind, BackingSpec
+from .memory.regions import GuestMemory, MemoryRegion, place_ram
 from .kvm.fd import close_all
 from .outcome import DeviceFault, ExitKind, Outcome
 from .runloop import JOIN_LIMIT, RunLoop
-from .vcpu import Vcpu
+from .terminal import discard_output
+from .vcpu import KICK_SIGNAL, Vcpu
 from .virtio import DMA_POOL_ALIGN, MAX_DEVICE_FAULTS, DmaPool, VirtioMmio
 from .tap import open_tap, random_mac
 from devices.virtio import VirtioBlock, VirtioConsole, VirtioDevice, VirtioRng
@@ -36,15 +41,29 @@ from devices.virtio.net import VirtioNet, parse_mac
 log = logging.getLogger("pyvmm.console")
 
 
+ECHO_POLL_MS = 100  # how often an echo waiting on a reader that does not read looks whether to give up
+
+
+class EchoStalled(OSError):
+    """An echo gave up a write its reader did not take while the VM was stopping (``Console.stopping``)."""
+
+
 class Console:
     """Collects what the guest prints; optionally echoes it (to a terminal, a file...).
 
-    An echo that fails (a closed pipe: ``pyvmm run | head``; a full disk) is dropped with one log line:
-    the guest keeps running and ``text()`` keeps everything."""
+    An echo that fails (a closed pipe: ``pyvmm run | head``; a hung-up terminal; a full disk; a file closed
+    under it) is dropped with one log line: the guest keeps running and ``text()`` keeps everything.
+
+    An echo whose reader does not read (``pyvmm run | sleep 1000``) holds the guest back (the thread that
+    prints waits), but not a VM that is being stopped: ``stopping`` (set by the run loop when the run ends)
+    and a vCPU thread's pending kick make an echo that can wait (``stdout_echo``) give the write up, so no
+    vCPU or device thread stays stuck in it, holding its locks, when the VM should end."""
 
     def __init__(self, echo: Callable[[bytes], None] | None = None):
         self.buffer = bytearray()
         self.echo = echo
+        self.stopping = False  # the VM is stopping or stopped: a write its reader does not take is dropped
+        self.stalled_bytes = 0  # echo dropped because of that
         self._lock = threading.Lock()
 
     def write(self, data: bytes) -> None:
@@ -53,19 +72,76 @@ class Console:
             echo = self.echo
             if echo is not None:
                 try:
-                    echo(data)
-                except OSError as err:
+                    if getattr(echo, "can_give_up", False):
+                        echo(data, give_up=self._give_up)
+                    else:
+                        echo(data)
+                except EchoStalled:
+                    if not self.stalled_bytes:
+                        log.warning("console output is not being read; while the VM stops, what it cannot take "
+                                    "is dropped (the guest's output is still collected)")
+                    self.stalled_bytes += len(data)
+                except (OSError, ValueError) as err:  # ValueError: "I/O operation on closed file"
                     self.echo = None
                     log.warning("console output can no longer be written (%s); the guest's output is still "
-                                "collected", err.strerror or err)
+                                "collected", getattr(err, "strerror", None) or err)
+
+    def _give_up(self) -> bool:
+        """A write that cannot go on now should be dropped: the VM is stopping, or this thread is a vCPU's that
+        the run loop kicked (the kick waits, blocked, for the thread to return to KVM_RUN)."""
+        return self.stopping or KICK_SIGNAL in signal.sigpending()
 
     def text(self) -> str:
         return self.buffer.decode(errors="replace")
 
 
-def stdout_echo(data: bytes) -> None:
-    sys.stdout.buffer.write(data)
-    sys.stdout.buffer.flush()
+class _StdoutEcho:
+    """Echo to stdout: straight to its fd, past Python's ``sys.stdout`` buffer (so no lock of that buffer is held
+    while a write waits for the reader, and nothing is left in it: each write is flushed).
+
+    With ``give_up`` (what ``Console`` passes) a write the reader does not take waits in slices of
+    ``ECHO_POLL_MS`` and raises ``EchoStalled`` once ``give_up()`` says so.  When stdout is gone (its pipe
+    closed, its terminal hung up) it is pointed at /dev/null (so Python's own flush at exit says nothing) and
+    the error raised, for the ``Console`` to drop this echo."""
+
+    can_give_up = True
+
+    def __call__(self, data: bytes, give_up: Callable[[], bool] | None = None) -> None:
+        try:
+            fd = sys.stdout.fileno()
+        except (AttributeError, OSError, ValueError):  # not a real file (a test's capture)
+            buffer = getattr(sys.stdout, "buffer", None)
+            if buffer is None:
+                sys.stdout.write(data.decode(errors="replace"))
+            else:
+                buffer.write(data)
+            sys.stdout.flush()
+            return
+        try:
+            self._write_all(fd, memoryview(data), give_up)
+        except EchoStalled:
+            raise
+        except OSError as err:
+            if err.errno in (errno.EPIPE, errno.EIO, errno.ENXIO):
+                discard_output(sys.stdout)
+            raise
+
+    @staticmethod
+    def _write_all(fd: int, view: memoryview, give_up: Callable[[], bool] | None) -> None:
+        poller = None
+        if give_up is not None:
+            poller = select.poll()
+            poller.register(fd, select.POLLOUT)
+        while view:
+            if poller is not None:
+                while not poller.poll(0 if give_up() else ECHO_POLL_MS):  # an error or hang-up counts as ready
+                    if give_up():
+                        raise EchoStalled(errno.EAGAIN, f"{len(view)} bytes not taken by the reader")
+            # at most PIPE_BUF: a pipe with room (POLLOUT) takes it without blocking
+            view = view[os.write(fd, view[:select.PIPE_BUF]):]
+
+
+stdout_echo = _StdoutEcho()
 
 
 def file_echo(path: str) -> tuple[Callable[[bytes], None], Callable[[], None]]:
@@ -164,12 +240,34 @@ class Vm:
     # --- building ------------------------------------------------------------
     def add_memory(self, size: int, backing: str | BackingSpec | Backing = "anon", gpa: int | None = None,
                    flags: int = 0) -> MemoryRegion:
-        """Add a memslot of ``size`` bytes at ``gpa`` (default: after the last region, from the RAM base)."""
+        """Add ``size`` bytes of memory: at ``gpa``, one memslot; without ``gpa``, RAM after the last region (from
+        the arch's RAM base) in as many memslots as it takes to step over the platform's device windows, each with
+        its own backing of the kind asked for (x86: what does not fit below the MMIO hole continues at 4 GiB).
+        Returns the first (lowest) memslot; ``memory.regions`` has them all."""
         if isinstance(backing, str):
             backing = BackingSpec.parse(backing)
-        if gpa is None:
-            gpa = self.memory.regions[-1].end if self.memory.regions else self.arch.ram_base
-        return self.memory.add(gpa, size, backing, flags)
+        if gpa is not None:
+            return self.memory.add(gpa, size, backing, flags)
+        start = self.memory.regions[-1].end if self.memory.regions else self.arch.ram_base
+        pieces = place_ram(start, size, self.memory.rules.device_windows)
+        if len(pieces) > 1 and not (isinstance(backing, BackingSpec) and backing.kind is not BackingKind.FILE):
+            # Each piece needs a backing of its own: a created one is one piece's, a file mapped from offset 0
+            # twice would alias the two.
+            low_end = pieces[0][0] + pieces[0][1]
+            window = next(name for lo, _, name in self.memory.rules.device_windows if lo == low_end)
+            what = backing.describe() if isinstance(backing, Backing) else str(backing)
+            raise ConfigError(f"{size:#x} bytes of memory from {start:#x} run into {window}: the rest would go to "
+                              f"{pieces[1][0]:#x} in another memslot, and {what} can back only one; ask for at most "
+                              f"{pieces[0][1]:#x} bytes and add the rest as a region with its own backing")
+        added: list[MemoryRegion] = []
+        try:
+            for piece_gpa, piece_size in pieces:
+                added.append(self.memory.add(piece_gpa, piece_size, backing, flags))
+        except BaseException:
+            for region in reversed(added):  # all or nothing: delete the slots made and close their backings
+                self.memory.remove(region)
+            raise
+        return added[0]
 
     # --- virtio devices ------------------------------------------------------------------
     def add_virtio(self, device: VirtioDevice, ioeventfd: bool = True, irqfd: bool = True) -> VirtioMmio:
@@ -257,6 +355,8 @@ class Vm:
         """
         if not self.vcpus:
             raise ConfigError("the VM has no vCPUs")
+        if timeout is not None and not (math.isfinite(timeout) and 0 < timeout <= 366 * 86400):
+            raise ConfigError(f"timeout {timeout!r}: a finite number of seconds, more than 0 and at most a year")
         if precheck:
             self.arch.check_before_run(self)
         if not self._run_lock.acquire(blocking=False):

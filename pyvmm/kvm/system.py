@@ -5,9 +5,11 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import stat
 
 from . import uapi, uapi_x86
-from .errors import KvmError, MissingFeature
+from ..paths import file_kind
+from .errors import ConfigError, KvmError, MissingFeature
 from .fd import OwnedFd
 from .ioctl import ioctl
 from .vm import VmFd
@@ -22,7 +24,11 @@ class Kvm(OwnedFd):
 
     def __init__(self, path: str = KVM_DEVICE):
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            mode = os.stat(path).st_mode
+            if not stat.S_ISCHR(mode):  # checked first: opening a FIFO would block, a directory fails oddly
+                raise ConfigError(f"{path}: {file_kind(mode)}, not the KVM device (a character device such as "
+                                  f"{KVM_DEVICE})")
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK)
         except FileNotFoundError:
             raise MissingFeature(
                 f"{path} does not exist: this kernel has no KVM (CONFIG_KVM), the kvm module is not loaded, "
@@ -32,9 +38,18 @@ class Kvm(OwnedFd):
             raise MissingFeature(
                 f"{path}: permission denied: add this user to the 'kvm' group or run as root"
             ) from None
+        except OSError as err:
+            raise MissingFeature(f"{path}: {err.strerror}") from None
         super().__init__(fd)
         self.path = path
-        version = self.api_version()
+        try:
+            version = self.api_version()
+        except KvmError as err:
+            self.close()
+            if err.errno == errno.ENOTTY:
+                raise ConfigError(f"{path}: a character device, but not the KVM device "
+                                  "(KVM_GET_API_VERSION: ENOTTY)") from None
+            raise
         if version != uapi.KVM_API_VERSION:
             self.close()
             raise MissingFeature(f"KVM API version {version}, pyvmm needs {uapi.KVM_API_VERSION}")

@@ -14,6 +14,7 @@ import enum
 import errno
 import fcntl
 import os
+import stat
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
@@ -21,6 +22,7 @@ from .. import hostmem
 from ..kvm import uapi
 from ..kvm.errors import ConfigError, MissingFeature
 from ..kvm.fd import close_all
+from ..paths import file_kind
 from ..kvm.ioctl import ioctl
 from ..kvm.uapi_dmabuf import (
     DMA_BUF_IOCTL_SYNC,
@@ -409,14 +411,26 @@ class FileBacking(Backing):
         parent = os.path.dirname(self.path)
         if not os.path.isdir(parent):
             raise ConfigError(f"file:{path}: directory {parent} does not exist")
-        if os.path.isdir(self.path):
-            raise ConfigError(f"file:{path}: is a directory")
         try:
-            fd = self._own(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+            mode = os.stat(self.path).st_mode
+        except FileNotFoundError:
+            mode = None  # created below
+        if mode is not None and not stat.S_ISREG(mode):  # /dev/null, a FIFO, a directory: nothing to map
+            raise ConfigError(f"file:{path}: {file_kind(mode)}; guest RAM needs a regular file (created if missing)")
+        try:  # O_NONBLOCK: a path swapped for a FIFO after the check must not block
+            fd = self._own(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK, 0o600))
         except PermissionError:
             raise ConfigError(f"file:{path}: permission denied") from None
-        if os.fstat(fd).st_size < size:
-            os.ftruncate(fd, size)
+        except OSError as err:
+            raise ConfigError(f"file:{path}: {err.strerror}") from None
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(f"file:{path}: {file_kind(st.st_mode)}; guest RAM needs a regular file")
+        if st.st_size < size:
+            try:
+                os.ftruncate(fd, size)
+            except OSError as err:  # a full or read-only filesystem, a file size limit
+                raise ConfigError(f"file:{path}: cannot extend it to {size} bytes: {err.strerror}") from None
         self.fd = fd
         self._map(fd)
 

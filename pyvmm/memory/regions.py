@@ -15,7 +15,7 @@ import errno
 import logging
 import threading
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterable
 
 from .. import hostmem
 from ..kvm import uapi
@@ -25,6 +25,8 @@ from ..kvm.vm import VmFd
 from .backing import Backing, BackingSpec
 
 log = logging.getLogger("pyvmm.memory")
+
+Window = tuple[int, int, str]  # [start, end) and what is there
 
 FLAG_NAMES = {
     uapi.KVM_MEM_LOG_DIRTY_PAGES: "LOG_DIRTY_PAGES",
@@ -86,6 +88,58 @@ class MemoryRules:
     log_dirty_allowed: bool = True
     frozen_after_run: bool = False  # pKVM: no delete/move once a vCPU has run
     vm_kind: str = "normal"
+    # Where the platform has devices (Arch.device_windows): RAM there would hide them from the guest.
+    device_windows: list[Window] = field(default_factory=list)
+
+
+def check_region(gpa: int, size: int, rules: MemoryRules, taken: Iterable[Window] = (),
+                 alignment: int = hostmem.PAGE_SIZE) -> None:
+    """Check a prospective region [gpa, gpa+size) against ``rules`` (address limit, device windows) and the
+    ranges already ``taken`` ((start, end, what)).  Raises a one-line ConfigError."""
+    where = f"region at {gpa:#x} of size {size:#x}"
+    if size <= 0:
+        raise ConfigError(f"{where}: size must be positive")
+    if gpa < 0:
+        raise ConfigError(f"{where}: negative guest address")
+    if gpa % alignment or size % alignment:
+        raise ConfigError(f"{where}: guest address and size must be multiples of {alignment:#x}")
+    if gpa + size > rules.max_gpa:
+        raise ConfigError(f"{where}: ends beyond the guest physical address limit {rules.max_gpa:#x}")
+    for start, end, name in rules.device_windows:
+        if gpa < end and start < gpa + size:
+            raise ConfigError(f"{where}: overlaps [{start:#x}, {end:#x}), {name}: memory there would hide "
+                              "the devices from the guest; put it elsewhere")
+    for start, end, what in taken:
+        if gpa < end and start < gpa + size:
+            raise ConfigError(f"{where}: overlaps {what}")
+
+
+def validate_layout(ranges: Iterable[tuple[int, int]], rules: MemoryRules,
+                    alignment: int = hostmem.PAGE_SIZE) -> list[tuple[int, int]]:
+    """A whole memory map of (gpa, size) pairs, checked in order as ``GuestMemory.add`` would check them:
+    returns them sorted by gpa, or raises a one-line ConfigError (the first bad region)."""
+    taken: list[Window] = []
+    for i, (gpa, size) in enumerate(ranges):
+        check_region(gpa, size, rules, taken, alignment)
+        taken.append((gpa, gpa + size, f"region {i} [{gpa:#x}, {gpa + size:#x})"))
+    return sorted((start, end - start) for start, end, _ in taken)
+
+
+def place_ram(start: int, size: int, windows: Iterable[Window]) -> list[tuple[int, int]]:
+    """``size`` bytes of RAM from ``start`` as (gpa, size) pieces that step over the device windows, as other
+    VMMs do on x86: RAM that would run into the MMIO hole below 4 GiB continues above it.  A size that is not
+    positive is returned as it is, for the caller's validation to refuse."""
+    pieces = []
+    for lo, hi, _ in sorted(windows):
+        if size > 0 and hi > start:
+            if lo > start:
+                take = min(size, lo - start)
+                pieces.append((start, take))
+                size -= take
+            start = hi
+    if size or not pieces:
+        pieces.append((start, size))
+    return pieces
 
 
 class GuestMemory:
@@ -108,20 +162,10 @@ class GuestMemory:
     def validate(self, gpa: int, size: int, flags: int = 0, alignment: int = hostmem.PAGE_SIZE,
                  slot: int | None = None) -> int:
         """Check a prospective region; returns the slot it would get.  Raises ConfigError."""
+        taken = [(r.gpa, r.end, f"slot {r.slot} [{r.gpa:#x}, {r.end:#x}) ({r.backing.describe()})")
+                 for r in self.regions]
+        check_region(gpa, size, self.rules, taken, alignment)
         where = f"region at {gpa:#x} of size {size:#x}"
-        if size <= 0:
-            raise ConfigError(f"{where}: size must be positive")
-        if gpa < 0:
-            raise ConfigError(f"{where}: negative guest address")
-        if gpa % alignment or size % alignment:
-            raise ConfigError(f"{where}: guest address and size must be multiples of {alignment:#x}")
-        if gpa + size > self.rules.max_gpa:
-            raise ConfigError(f"{where}: ends beyond the guest physical address limit {self.rules.max_gpa:#x}")
-        for r in self.regions:
-            if gpa < r.end and r.gpa < gpa + size:
-                raise ConfigError(
-                    f"{where}: overlaps slot {r.slot} [{r.gpa:#x}, {r.end:#x}) ({r.backing.describe()})"
-                )
         if flags & ~(uapi.KVM_MEM_LOG_DIRTY_PAGES | uapi.KVM_MEM_READONLY):
             raise ConfigError(f"{where}: unknown memslot flags {flags:#x}")
         if flags & uapi.KVM_MEM_READONLY and not self.rules.readonly_allowed:

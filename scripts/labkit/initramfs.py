@@ -20,7 +20,7 @@ USERLAND = [
     "libexpat1", "zlib1g", "libssl3t64", "libffi8", "libbz2-1.0", "liblzma5", "libzstd1", "libgcc-s1",
     "libsqlite3-0",  # pyroute2 imports sqlite3
 ]
-PYTHON_PACKAGES = ["ioctl-opt", "fdt", "pyroute2", "pytest", "pytest-timeout"]
+PYTHON_PACKAGES = ["ioctl-opt", "fdt", "pyroute2", "pytest", "pytest-timeout", "hypothesis"]
 LAB_VERSION = "4"  # bump to force a rebuild of the base image
 EXIT_MARK = "PYVMM-LAB-EXIT="
 

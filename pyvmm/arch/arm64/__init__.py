@@ -103,8 +103,11 @@ class Arm64:
     def memory_rules(self, vm) -> MemoryRules:
         ipa = vm.vm_type & uapi.KVM_VM_TYPE_ARM_IPA_SIZE_MASK or DEFAULT_IPA_BITS
         rules = MemoryRules(max_slots=vm.kvm.check_extension(uapi.KVM_CAP_NR_MEMSLOTS) or 32, max_gpa=1 << ipa,
-                            vm_kind=vm.kind)
+                            vm_kind=vm.kind, device_windows=self.device_windows(vm))
         return pkvm.restrict_memory_rules(rules) if vm.protected else rules
+
+    def device_windows(self, vm) -> list[tuple[int, int, str]]:
+        return [layout.DEVICE_REGION]  # the same for every VM
 
     def prepare_vm(self, vm) -> None:
         uart = Uart16550(vm.console.write, irq=lambda level: self.irq_line(vm, layout.UART_SPI, level))

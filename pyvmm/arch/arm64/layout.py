@@ -17,6 +17,9 @@ VIRTIO_BASE = 0x0B00_0000  # virtio-mmio windows, VIRTIO_STRIDE apart
 VIRTIO_STRIDE = 0x200
 VIRTIO_MAX = 64
 VIRTIO_SPI_BASE = 16  # device i interrupts on SPI 16 + i (INTID 48 + i)
+# Every device above, in one window that memslots may not overlap (pvmfw's slot lies beyond it).
+DEVICE_REGION = (GIC_DIST, VIRTIO_BASE + VIRTIO_MAX * VIRTIO_STRIDE,
+                 "the arm64 device region (GIC, UART, debug-exit, test device, virtio-mmio)")
 PVMFW = 0x7FE0_0000  # Android pKVM ABI only: pvmfw's own memslot, just below RAM
 RAM_BASE = 0x8000_0000
 MIN_RAM = 4 << 20

@@ -4,8 +4,10 @@ Boot modes: ``real`` (flat binary, CS based at the load address), ``long``
 (ELF64 or flat binary entered in 64-bit mode with an identity map), ``linux``
 (bzImage, 64-bit boot protocol).  ``auto`` picks by the image's format.
 
-Entry registers for firmware: RDI = RAM size in bytes, RSI = vCPU index,
-RDX = number of vCPUs, RSP = a private stack below 0x80000.
+Entry registers for firmware: RDI = RAM size in bytes below the MMIO hole
+(RAM beyond 3 GiB continues at 4 GiB; firmware sees only the part below the
+hole, which its 4 GiB identity map covers), RSI = vCPU index, RDX = number of
+vCPUs, RSP = a private stack below 0x80000.  Linux gets all of it in its E820 map.
 """
 
 from __future__ import annotations
@@ -55,7 +57,10 @@ class X86_64:
     def memory_rules(self, vm) -> MemoryRules:
         return MemoryRules(max_slots=vm.kvm.check_extension(uapi.KVM_CAP_NR_MEMSLOTS) or 32,
                            max_gpa=1 << 46, readonly_allowed=bool(vm.kvm.check_extension(uapi.KVM_CAP_READONLY_MEM)),
-                           vm_kind=vm.kind)
+                           vm_kind=vm.kind, device_windows=self.device_windows(vm))
+
+    def device_windows(self, vm) -> list[tuple[int, int, str]]:
+        return [(layout.MMIO_HOLE_START, layout.MMIO_HOLE_END, layout.MMIO_HOLE_NAME)]  # the same for every VM
 
     def prepare_vm(self, vm) -> None:
         if vm.feature_request is not None:
@@ -85,24 +90,32 @@ class X86_64:
         for vcpu in vm.vcpus:
             cpu.set_cpuid(vcpu, supported)
 
-    def _ram_size(self, vm) -> int:
-        """Contiguous RAM from 0."""
-        end = 0
-        for region in vm.memory.regions:
-            if region.gpa != end:
-                break
-            end = region.end
-        if end < layout.MIN_RAM:
+    def _ram_ranges(self, vm) -> list[tuple[int, int]]:
+        """The guest's RAM as [start, end) ranges: contiguous memslots from 0 and, when they fill everything
+        below the MMIO hole, contiguous memslots from 4 GiB (where ``Vm.add_memory`` puts the rest)."""
+        def contiguous_end(start: int) -> int:
+            end = start
+            for region in vm.memory.regions:  # sorted by gpa
+                if region.gpa == end:
+                    end = region.end
+            return end
+
+        low = contiguous_end(0)
+        if low < layout.MIN_RAM:
             raise ConfigError(f"x86_64 guests need at least {layout.MIN_RAM >> 20} MiB of RAM at address 0 "
-                              f"(have {end:#x} bytes)")
-        return end
+                              f"(have {low:#x} bytes)")
+        high = contiguous_end(layout.MMIO_HOLE_END)
+        if low == layout.MMIO_HOLE_START and high > layout.MMIO_HOLE_END:
+            return [(0, low), (layout.MMIO_HOLE_END, high)]
+        return [(0, low)]  # memory at 4 GiB past a gap below the hole is a region of the user's, not RAM
 
     def boot(self, vm, image: str | None, mode: str = "auto", cmdline: str | None = None,
              initrd: str | None = None, load_addr: int | None = None, pvmfw: str | None = None,
              console: str = "uart") -> None:
-        """Load IMAGE: a bzImage (``cmdline``, default ``console=ttyS0``, and ``initrd`` through boot_params), or
-        firmware (ELF: long mode; flat: real mode), which gets rdi = RAM size, rsi = vCPU index, rdx = vCPU count and
-        nothing else: a command line or initrd for firmware is refused, since there is nowhere to put it."""
+        """Load IMAGE: a bzImage (``cmdline``, default ``console=ttyS0``, and ``initrd`` through boot_params; all
+        RAM in its E820 map), or firmware (ELF: long mode; flat: real mode), which gets rdi = RAM size below the
+        MMIO hole, rsi = vCPU index, rdx = vCPU count and nothing else: a command line or initrd for firmware is
+        refused, since there is nowhere to put it."""
         from ...firmware import firmware_path
 
         if pvmfw is not None:
@@ -111,7 +124,8 @@ class X86_64:
             raise ConfigError(f"unknown boot mode {mode!r} (choose from {', '.join(BOOT_MODES)})")
         if not vm.vcpus:
             raise ConfigError("create the vCPUs before booting")
-        ram = self._ram_size(vm)
+        ranges = self._ram_ranges(vm)
+        ram = ranges[0][1]  # what firmware gets in rdi: RAM below the hole, all of it identity-mapped (cpu.py)
         data = read_image(image or firmware_path(self.name, self.default_image))
         if mode == "auto":
             mode = "linux" if linux.is_bzimage(data) else "long" if is_elf(data) else "real"
@@ -139,7 +153,7 @@ class X86_64:
                 raise ConfigError("Linux boot on x86_64 supports one vCPU (no in-kernel irqchip or MP tables yet)")
             initrd_data = read_image(initrd) if initrd else None
             cpu.write_boot_tables(vm.memory)
-            boot = linux.load_bzimage(vm.memory, ram, data, cmdline, initrd_data)
+            boot = linux.load_bzimage(vm.memory, ranges, data, cmdline, initrd_data)
             cpu.enter_long_mode(vm.vcpus[0], boot.entry, layout.STACK_TOP, dict(rsi=boot.boot_params))
             return
         reserved = layout.reserved_ranges(nvcpus)

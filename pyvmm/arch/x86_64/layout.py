@@ -35,8 +35,15 @@ TEST_DEVICE_MMIO = 0xD000_0000
 VIRTIO_BASE = 0xD100_0000  # virtio-mmio windows, VIRTIO_STRIDE apart (no interrupts: no in-kernel irqchip yet)
 VIRTIO_STRIDE = 0x200
 VIRTIO_MAX = 64
-TSS_ADDR = 0xFFFB_D000
-IDENTITY_MAP_ADDR = 0xFFFB_C000
+TSS_ADDR = 0xFFFB_D000  # KVM_SET_TSS_ADDR: three pages
+IDENTITY_MAP_ADDR = 0xFFFB_C000  # KVM_SET_IDENTITY_MAP_ADDR: one page
+
+# The MMIO hole below 4 GiB, as on a PC: every device above lives in it, RAM never does (RAM that does not fit
+# below it continues from 4 GiB).
+MMIO_HOLE_START = 0xC000_0000
+MMIO_HOLE_END = 1 << 32
+MMIO_HOLE_NAME = (f"the x86 MMIO hole (test device at {TEST_DEVICE_MMIO:#x}, virtio-mmio from {VIRTIO_BASE:#x}, "
+                  f"KVM's TSS and identity map at {IDENTITY_MAP_ADDR:#x})")
 
 # GDT selectors (Linux's boot protocol wants __BOOT_CS = 0x10, __BOOT_DS = 0x18)
 BOOT_CS = 0x10

@@ -61,8 +61,18 @@ def is_bzimage(data: bytes) -> bool:
     return len(data) > 0x210 and data[HEADER:HEADER + 4] == HDRS_MAGIC
 
 
-def load_bzimage(memory: GuestMemory, ram_size: int, data: bytes, cmdline: str,
+def e820_map(ram: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
+    """boot_params' E820 table (addr, size, type) for the guest's RAM ranges [start, end), the first from 0: it
+    loses the legacy hole [EBDA, 1 MiB); the others (RAM above the MMIO hole) are listed whole."""
+    (_, low_end), *rest = ram
+    return ([(0, layout.EBDA_START, E820_RAM), (layout.HIGH_MEMORY, low_end - layout.HIGH_MEMORY, E820_RAM)]
+            + [(start, end - start, E820_RAM) for start, end in rest])
+
+
+def load_bzimage(memory: GuestMemory, ram: list[tuple[int, int]], data: bytes, cmdline: str,
                  initrd: bytes | None = None) -> LinuxBoot:
+    """``ram``: the guest's RAM ranges [start, end), the first from 0 (the kernel and initrd go there)."""
+    ram_size = ram[0][1]
     if not is_bzimage(data):
         raise ConfigError("kernel image: no 'HdrS' setup header (not a bzImage)")
     (version,) = struct.unpack_from("<H", data, VERSION)
@@ -106,7 +116,7 @@ def load_bzimage(memory: GuestMemory, ram_size: int, data: bytes, cmdline: str,
         memory.write(addr, initrd)
         struct.pack_into("<II", params, RAMDISK_IMAGE, addr, len(initrd))
         initrd_at = (addr, len(initrd))
-    e820 = [(0, layout.EBDA_START, E820_RAM), (layout.HIGH_MEMORY, ram_size - layout.HIGH_MEMORY, E820_RAM)]
+    e820 = e820_map(ram)
     for i, (addr, size, kind) in enumerate(e820):
         struct.pack_into("<QQI", params, BP_E820_TABLE + i * 20, addr, size, kind)
     params[BP_E820_ENTRIES] = len(e820)
