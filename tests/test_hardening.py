@@ -249,3 +249,50 @@ def test_timeout_parse_property(text):
         assert "\n" not in str(err)
         return
     assert 0 < value <= cli.MAX_TIMEOUT
+
+
+# --- the exit-status table, end to end ------------------------------------------------------------------------
+@pytest.mark.timeout(120)
+def test_each_documented_exit_status_from_the_case_it_names(x86_firmware):
+    """Every row of `pyvmm run --help`'s table, produced by a real run of the case the row names."""
+    import select
+    import signal
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    def guest(name, *extra, send=None):
+        cmd = [sys.executable, "-m", "pyvmm", "run", os.path.join(x86_firmware, name), "-m", "4M", *extra]
+        if send is None:
+            return subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=ROOT,
+                                  stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                                stdin=subprocess.DEVNULL)
+        assert select.select([proc.stdout], [], [], 30)[0], "the guest printed nothing"
+        proc.stdout.readline()  # the guest runs
+        proc.send_signal(send)
+        out, err = proc.communicate(timeout=30)
+        return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+    cases = {
+        "0": (guest("hello"), "pyvmm: halt"),
+        "N": (guest("shutdown-exit"), "pyvmm: guest-exit"),  # status 0x42 through the debug-exit port
+        "1": (guest("shutdown-triple"), "fault report"),
+        "2": (run_cli("run", "--timeout", "nan"), "pyvmm: error:"),
+        "124": (guest("spin", "-t", "0.5"), "pyvmm: timeout"),
+        "129": (guest("spin", send=signal.SIGHUP), "SIGHUP"),
+        "130": (guest("spin", send=signal.SIGINT), "SIGINT"),
+        "143": (guest("spin", send=signal.SIGTERM), "SIGTERM"),
+    }
+    assert list(cases) == [status for status, _ in cli.EXIT_STATUSES]  # one case per documented row
+    for status, (res, says) in cases.items():
+        expected = 0x42 if status == "N" else int(status)
+        assert res.returncode == expected and says in res.stderr and "Traceback" not in res.stderr, (status, res.stderr)
+
+
+def test_readme_has_the_exit_status_table():
+    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")) as f:
+        readme = f.read()
+    for status, meaning in cli.EXIT_STATUSES:
+        assert f"| {status} | {meaning} |" in readme, status

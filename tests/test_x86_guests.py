@@ -10,6 +10,7 @@ import time
 import pytest
 
 from pyvmm.outcome import ExitKind
+from tests.conftest import run_cli
 from tests.expected import MEMTOUCH_LINE, MMIO_GUEST_LOG, memtouch_checksum
 
 
@@ -133,3 +134,32 @@ def test_port_test_device_is_on_the_io_bus(boot_x86):
     assert (seen["entry"].base, seen["entry"].size) == (0x510, 16)
     assert type(seen["entry"].device).__name__ == "PortTestDevice"
     assert seen["after"] is None
+
+
+@pytest.mark.timeout(60)
+def test_unclaimed_accesses_are_summed_up_in_one_line(x86_firmware):
+    """Without -v: one line at the end (how many, the first few); with -v each address is logged too."""
+    from pyvmm.vm import Vm
+
+    with Vm() as vm:
+        vm.add_memory(4 << 20)
+        vm.mmio_bus.remove("test-device")  # its accesses become unclaimed
+        vm.create_vcpus(1)
+        vm.boot(os.path.join(x86_firmware, "mmio"))
+        vm.run(timeout=30)
+        line = vm.mmio_bus.summary()
+        count = vm.mmio_bus.unclaimed_count
+    assert count > 3 and line.startswith(f"{count} unclaimed mmio accesses (reads returned 0, writes were dropped): ")
+    assert line.count(" at 0xd00000") == 3 and f"({count - 3} more)" in line, line
+
+
+@pytest.mark.timeout(60)
+def test_cli_prints_the_unclaimed_summary_by_default(x86_firmware):
+    guest = os.path.join(x86_firmware, "mmio-pending")  # it reads 0xd0010000, past the test device
+    quiet = run_cli("run", "-q", guest, "-m", "4M")
+    lines = [l for l in quiet.stderr.splitlines() if "unclaimed" in l]
+    assert lines == ["pyvmm: 2 unclaimed mmio accesses (reads returned 0, writes were dropped): read of 8 at "
+                     "0xd0010000, read of 8 at 0xd0010000 (-v logs each address)"], quiet.stderr
+    verbose = run_cli("-v", "run", "-q", guest, "-m", "4M")
+    assert "mmio bus: unclaimed read of 8 bytes at 0xd0010000" in verbose.stderr, verbose.stderr
+    assert "(-v logs each address)" not in verbose.stderr
