@@ -92,8 +92,9 @@ class Bus:
         why = f" (runs past the end of {straddles.name} at {straddles.end:#x})" if straddles else ""
         with self._lock:
             self.unclaimed_count += 1
-            if len(self.unclaimed_first) < SUMMARY_ACCESSES:
-                self.unclaimed_first.append(f"{'write' if is_write else 'read'} of {size} at {addr:#x}{why}")
+            text = f"{'write' if is_write else 'read'} of {size} at {addr:#x}{why}"
+            if len(self.unclaimed_first) < SUMMARY_ACCESSES and text not in self.unclaimed_first:
+                self.unclaimed_first.append(text)  # the first few different ones
             key = (addr, is_write)
             if key in self._unclaimed_seen or len(self._unclaimed_seen) > MAX_LOGGED_ADDRESSES:
                 return
@@ -112,7 +113,7 @@ class Bus:
             count, first = self.unclaimed_count, list(self.unclaimed_first)
         if not count:
             return None
-        more = f", ... ({count - len(first)} more)" if count > len(first) else ""
+        more = f", ... ({count} in all)" if count > len(first) else ""
         return (f"{count} unclaimed {self.name} access{'es' if count > 1 else ''} (reads returned 0, writes were "
                 f"dropped): {', '.join(first)}{more}")
 

@@ -32,7 +32,7 @@ from .runloop import signal_stop_of, stop_runs_from_now
 from .terminal import ESCAPE_HELP, StdinForwarder, discard_output
 from .vcpu import ensure_kick_is_harmless
 from .virtio import DMA_POOL_ALIGN
-from .vm import Vm, file_echo, stdout_echo
+from .vm import MAX_TIMEOUT, Vm, file_echo, stdout_echo
 
 EXIT_BAD_INPUT = 2
 EXIT_FAULT = 1
@@ -44,7 +44,7 @@ _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 def parse_size(text: str) -> int:
     """``4096``, ``0x1000``, ``64M``, ``2GiB``, ``512K``... -> bytes."""
-    m = re.fullmatch(r"\s*(0x[0-9a-fA-F]+|\d+)\s*([KMGT]?)(?:i?B)?\s*", text, re.IGNORECASE)
+    m = re.fullmatch(r"\s*(0x[0-9a-fA-F]{1,40}|\d{1,40})\s*([KMGT]?)(?:i?B)?\s*", text, re.IGNORECASE)
     if not m:
         raise ConfigError(f"bad size {text!r} (use e.g. 64M, 2G, 4096 or 0x100000)")
     digits = m.group(1)
@@ -94,7 +94,6 @@ def _pool_size(text: str) -> int:
     return size
 
 
-MAX_TIMEOUT = 366 * 86400.0  # a year: beyond it the deadline overflows the clocks pyvmm waits on
 
 
 def _timeout(text: str) -> float:
@@ -269,6 +268,13 @@ def check_output_path(path: str, what: str) -> None:
     parent = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
         raise ConfigError(f"{what} {path}: is a directory")
+    if os.path.exists(path):
+        from .paths import file_kind
+
+        mode = os.stat(path).st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISCHR(mode)):  # a FIFO would block the open (or the final write)
+            raise ConfigError(f"{what} {path}: {file_kind(mode)}; a regular file (or a device such as /dev/null) "
+                              "is expected")
     if not os.path.isdir(parent):
         raise ConfigError(f"{what} {path}: directory {parent} does not exist")
     if not os.access(parent, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
@@ -374,9 +380,11 @@ class _SignalStop:
     * the first one once the guest runs, or is about to, stops it: the handler asks the run loop
       (``SignalStop.request``: no lock, nothing raised), the run ends STOPPED and the command ends as it
       always does: console flushed, terminal restored, every fd closed, status 128 + signal;
-    * every later one, and any once the guest has run or the status is known: ignored.  So nothing is
-      ever raised while anything is closed or joined: no half-closed VM, no traceback, no "release
-      unlocked lock", and a second Ctrl-C a millisecond after the first changes nothing.
+    * the first one after the guest has run: while the VM is being closed, noted, and the next one gets the
+      default action (so pyvmm can always be stopped); once the VM is closed, ``Signalled`` (status 128 + signal);
+    * every later one, and any once the status is known: ignored.  So nothing is ever raised while
+      anything is closed or joined: no half-closed VM, no traceback, no "release unlocked lock", and a
+      second Ctrl-C a millisecond after the first changes nothing.
 
     Installed only on the main thread (the only one Python lets install handlers)."""
 
@@ -396,9 +404,16 @@ class _SignalStop:
         for box in self.vm_boxes:
             for vm in box:
                 stop = signal_stop_of(vm)
-                if stop is not None:  # running, about to, or has run: never raise
-                    stop.request(outcome)
+                if stop is None:
+                    continue
+                if stop.request(outcome):  # running or about to: the run loop stops it, nothing raised
                     return
+                if not getattr(vm.fd, "closed", True):  # being closed: never raise into close(); a second
+                    for sig in STOP_SIGNALS:            # signal gets the default action (no unkillable pyvmm)
+                        signal.signal(sig, signal.SIG_DFL)
+                    return
+                # the VM is gone and pyvmm is still here (writing the report, blocked on stderr): stop now
+                raise Signalled(signum)
         # Should code on the way swallow the exception (a bare except), the run it lets start stops at once
         stop_runs_from_now(outcome)
         raise Signalled(signum)
@@ -480,12 +495,14 @@ def _check_paths(args, backings: list[BackingSpec], disks: list[tuple[str, bool]
     from .paths import file_kind, stat_path
 
     def regular(path: str, what: str, may_be_missing: bool = False) -> None:
-        try:
-            st = stat_path(path, what)
-        except ConfigError:
-            if may_be_missing and not os.path.lexists(path):
+        if may_be_missing:
+            try:
+                os.stat(path)
+            except FileNotFoundError:  # created when the backing is made (its directory is checked then)
                 return
-            raise
+            except OSError:
+                pass  # stat_path says what
+        st = stat_path(path, what)
         if not stat.S_ISREG(st.st_mode):
             raise ConfigError(f"{what} {path}: {file_kind(st.st_mode)}; a regular file is expected")
         if st.st_size == 0 and not may_be_missing:  # file: backings are extended to the slot's size
@@ -564,7 +581,8 @@ def cmd_run(args) -> int:
                     virtio_console.close()  # a forwarder waiting for the guest to take input returns
         unclaimed = [s for s in (vm.io_bus.summary(), vm.mmio_bus.summary()) if s]
     with _unless_gone(sys.stdout):  # the guest's console, all of it, before what pyvmm says
-        sys.stdout.flush()
+        if sys.stdout is not None:
+            sys.stdout.flush()
     with _unless_gone(sys.stderr):
         print(f"pyvmm: {outcome.kind.value}: {outcome.detail}", file=sys.stderr)
         print_device_faults(outcome)
@@ -690,7 +708,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         signals.restore()
     with _unless_gone(sys.stdout):  # pyvmm ... | head: what stdout still holds goes nowhere, quietly
-        sys.stdout.flush()
+        if sys.stdout is not None:
+            sys.stdout.flush()
     return status
 
 
@@ -716,7 +735,9 @@ def _main(argv: list[str] | None) -> int:
     if args.command is None:  # plain `pyvmm`: boot the bundled hello
         args = parser.parse_args([*(sys.argv[1:] if argv is None else argv), "run"])
     try:
-        return COMMANDS[args.command](args)
+        with _unless_gone(sys.stdout):  # `pyvmm caps | head -1`: the reader went away, not an error of ours
+            return COMMANDS[args.command](args)
+        return 0
     except PyvmmError as err:
         _say(f"pyvmm: error: {err}")
         return EXIT_BAD_INPUT

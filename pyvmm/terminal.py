@@ -119,7 +119,23 @@ class StdinForwarder:
         return bytes(out)
 
     def stop(self) -> None:
-        """Stop forwarding and give the terminal back as it was (idempotent)."""
+        """Give the terminal back as it was, then stop forwarding (idempotent).  The terminal first: whatever
+        interrupts the rest (a signal raising in the main thread), the user's terminal is not left raw."""
+        try:
+            self._stop_forwarding()
+        finally:
+            self._restore_terminal()
+
+    def _restore_terminal(self) -> None:
+        if self._saved is not None:
+            saved, self._saved = self._saved, None
+            try:
+                termios.tcsetattr(self.fd, termios.TCSADRAIN, saved)
+            except (termios.error, OSError) as err:  # the terminal is gone (SIGHUP: hung up): nothing to restore
+                log.info("terminal not restored: %s", err)
+
+    def _stop_forwarding(self) -> None:
+        self._restore_terminal()
         if self._stop_w is not None:
             os.write(self._stop_w, b"x")
         stopped = True
@@ -132,12 +148,6 @@ class StdinForwarder:
                     os.close(fd)
             self._stop_r = self._stop_w = None
             self._thread = None
-        if self._saved is not None:
-            saved, self._saved = self._saved, None
-            try:
-                termios.tcsetattr(self.fd, termios.TCSADRAIN, saved)
-            except (termios.error, OSError) as err:  # the terminal is gone (SIGHUP: hung up): nothing to restore
-                log.info("terminal not restored: %s", err)
 
     def __enter__(self) -> "StdinForwarder":
         self.start()

@@ -39,6 +39,7 @@ from devices.virtio.net import VirtioNet, parse_mac
 
 
 log = logging.getLogger("pyvmm.console")
+MAX_TIMEOUT = 366 * 86400.0  # a year: beyond it a deadline overflows the clocks pyvmm waits on
 
 
 ECHO_POLL_MS = 100  # how often an echo waiting on a reader that does not read looks whether to give up
@@ -107,6 +108,8 @@ class _StdoutEcho:
     can_give_up = True
 
     def __call__(self, data: bytes, give_up: Callable[[], bool] | None = None) -> None:
+        if sys.stdout is None:  # fd 1 was closed when Python started (`pyvmm run >&-`): nowhere to echo
+            raise OSError(errno.EBADF, "stdout is closed")
         try:
             fd = sys.stdout.fileno()
         except (AttributeError, OSError, ValueError):  # not a real file (a test's capture)
@@ -355,7 +358,7 @@ class Vm:
         """
         if not self.vcpus:
             raise ConfigError("the VM has no vCPUs")
-        if timeout is not None and not (math.isfinite(timeout) and 0 < timeout <= 366 * 86400):
+        if timeout is not None and not (math.isfinite(timeout) and 0 < timeout <= MAX_TIMEOUT):
             raise ConfigError(f"timeout {timeout!r}: a finite number of seconds, more than 0 and at most a year")
         if precheck:
             self.arch.check_before_run(self)

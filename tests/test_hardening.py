@@ -139,7 +139,8 @@ def test_timeouts_that_are_not_a_finite_positive_time(capsys, vm_creations, valu
     ["--region=-1,4K"], ["--region", "0x1,"], ["--region", "nan,4K"], ["--region", "0x10000000000000000,4K"],
     ["--region", "0x40000000,inf"], ["--vcpus", "0"], ["--vcpus", "-3"], ["--vcpus", "1.5"], ["--vcpus", "nan"],
     ["--dma-pool", "nan"], ["--dma-pool", "-8M"], ["--dma-pool", "99999999999T"], ["--dma-pool", "3K"],
-    ["--ipa-bits", "nan"], ["--ipa-bits", "inf"],
+    ["--ipa-bits", "nan"], ["--ipa-bits", "inf"], ["-m", "9" * 5000], ["--region", "9" * 5000 + ",4K"],
+    ["-b", "file:/tmp/" + "a" * 300], ["--vcpus", "9" * 5000],
 ])
 def test_numbers_out_of_range_or_not_numbers(capsys, vm_creations, argv):
     one_line_error(capsys, ["run", *argv], vm_creations)
@@ -165,9 +166,10 @@ def test_vm_run_refuses_a_timeout_that_is_not_finite():
 # --- class 3 and the rest: output paths and other options, before the VM ------------------------------------
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("option", ["--report-json", "--console-file"])
-@pytest.mark.parametrize("where, says", [("directory", "is a directory"), ("missing/x.json", "does not exist")])
+@pytest.mark.parametrize("where, says", [("directory", "is a directory"), ("missing/x.json", "does not exist"),
+                                         ("fifo", "a FIFO; a regular file"), ("socket", "a socket; a regular file")])
 def test_output_paths_are_checked_before_the_vm(capsys, vm_creations, odd_files, option, where, says):
-    path = odd_files["directory"] if where == "directory" else os.path.join(odd_files["missing"], "x.json")
+    path = os.path.join(odd_files["missing"], "x.json") if where == "missing/x.json" else odd_files[where]
     one_line_error(capsys, ["run", option, path], vm_creations, says=says)
 
 
@@ -296,3 +298,25 @@ def test_readme_has_the_exit_status_table():
         readme = f.read()
     for status, meaning in cli.EXIT_STATUSES:
         assert f"| {status} | {meaning} |" in readme, status
+
+
+@pytest.mark.timeout(60)
+def test_a_reader_that_goes_away_is_not_an_error():
+    """`pyvmm caps | head -1` (every command, not only run) and a stdout closed from the start (`>&-`)."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    for argv in (["caps"], ["scenario", "list"], ["run", "--help"]):
+        proc = subprocess.Popen([sys.executable, "-m", "pyvmm", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                cwd=ROOT, stdin=subprocess.DEVNULL)
+        proc.stdout.read(10)
+        proc.stdout.close()  # the reader leaves after a few bytes
+        err = proc.stderr.read().decode()
+        proc.wait(30)
+        assert proc.returncode in (0, 2) and "Traceback" not in err and "BrokenPipe" not in err, (argv, err)
+    if os.path.exists("/dev/kvm"):
+        res = subprocess.run(f"exec {sys.executable} -m pyvmm run >&-", shell=True, capture_output=True, text=True,
+                             cwd=ROOT, timeout=60, stdin=subprocess.DEVNULL)
+        assert res.returncode == 0 and "Traceback" not in res.stderr and "fault report" not in res.stderr, res.stderr

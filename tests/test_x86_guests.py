@@ -150,7 +150,8 @@ def test_unclaimed_accesses_are_summed_up_in_one_line(x86_firmware):
         line = vm.mmio_bus.summary()
         count = vm.mmio_bus.unclaimed_count
     assert count > 3 and line.startswith(f"{count} unclaimed mmio accesses (reads returned 0, writes were dropped): ")
-    assert line.count(" at 0xd00000") == 3 and f"({count - 3} more)" in line, line
+    assert line.count(" at 0xd00000") == 3 and f"({count} in all)" in line, line
+    assert len(set(line.split(": ", 1)[1].split(", ")[:3])) == 3  # three different accesses
 
 
 @pytest.mark.timeout(60)
@@ -159,7 +160,7 @@ def test_cli_prints_the_unclaimed_summary_by_default(x86_firmware):
     quiet = run_cli("run", "-q", guest, "-m", "4M")
     lines = [l for l in quiet.stderr.splitlines() if "unclaimed" in l]
     assert lines == ["pyvmm: 2 unclaimed mmio accesses (reads returned 0, writes were dropped): read of 8 at "
-                     "0xd0010000, read of 8 at 0xd0010000 (-v logs each address)"], quiet.stderr
+                     "0xd0010000, ... (2 in all) (-v logs each address)"], quiet.stderr
     verbose = run_cli("-v", "run", "-q", guest, "-m", "4M")
     assert "mmio bus: unclaimed read of 8 bytes at 0xd0010000" in verbose.stderr, verbose.stderr
     assert "(-v logs each address)" not in verbose.stderr

@@ -415,6 +415,8 @@ class FileBacking(Backing):
             mode = os.stat(self.path).st_mode
         except FileNotFoundError:
             mode = None  # created below
+        except OSError as err:  # a name too long, a search permission missing...
+            raise ConfigError(f"file:{path}: {err.strerror}") from None
         if mode is not None and not stat.S_ISREG(mode):  # /dev/null, a FIFO, a directory: nothing to map
             raise ConfigError(f"file:{path}: {file_kind(mode)}; guest RAM needs a regular file (created if missing)")
         try:  # O_NONBLOCK: a path swapped for a FIFO after the check must not block

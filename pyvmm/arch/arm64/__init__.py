@@ -215,7 +215,7 @@ class Arm64:
         if not vm.fd.check_extension(uapi.KVM_CAP_ARM_PROTECTED_VM):
             raise MissingFeature("--pvmfw needs Android's pKVM ABI (KVM_CAP_ARM_PROTECTED_VM, 0xffbadab1); this "
                                  "kernel has the upstream protected-VM ABI, which has no pvmfw")
-        data = read_image(path)
+        data = read_image(path, "--pvmfw")
         size = (len(data) + (2 << 20) - 1) & ~((2 << 20) - 1)
         region = vm.add_memory(size, "memfd", gpa=layout.PVMFW)
         vm.memory.write(region.gpa, data)
@@ -271,7 +271,7 @@ class Arm64:
             image_end = img.high
             args = {0: dtb_addr, 1: layout.RAM_BASE, 2: ram, 3: pool.gpa if pool else 0, 4: pool.size if pool else 0}
         if initrd:
-            blob = read_image(initrd)
+            blob = read_image(initrd, "--initrd")
             start = place_initrd(len(blob), image_end, below, linux=mode == "linux",
                                  what=f"initrd {initrd}", limit="the DMA pool" if pool else "the device tree")
             load_flat(vm.memory, blob, start, "initrd")

@@ -151,7 +151,7 @@ class X86_64:
         if mode == "linux":
             if nvcpus != 1:
                 raise ConfigError("Linux boot on x86_64 supports one vCPU (no in-kernel irqchip or MP tables yet)")
-            initrd_data = read_image(initrd) if initrd else None
+            initrd_data = read_image(initrd, "--initrd") if initrd else None
             cpu.write_boot_tables(vm.memory)
             boot = linux.load_bzimage(vm.memory, ranges, data, cmdline, initrd_data)
             cpu.enter_long_mode(vm.vcpus[0], boot.entry, layout.STACK_TOP, dict(rsi=boot.boot_params))
