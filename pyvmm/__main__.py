@@ -52,6 +52,8 @@ def entry() -> int:
 
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, _early_stop)
+        # a signal mask inherited blocked (exec keeps it) would hold these pending for ever: pyvmm wants them
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGINT, signal.SIGTERM, signal.SIGHUP))
         from .cli import main
     except KeyboardInterrupt:  # Python's own SIGINT handler, before ours was installed
         return _stopped(2)

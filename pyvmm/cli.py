@@ -428,7 +428,8 @@ class _SignalStop:
                 self._previous[sig] = signal.signal(sig, self.handle)
             _active = self
         finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, held)  # one that came meanwhile is handled now
+            # one that came meanwhile is handled now; an inherited mask blocking them would keep them pending
+            signal.pthread_sigmask(signal.SIG_SETMASK, set(held) - set(STOP_SIGNALS))
         ensure_kick_is_harmless()
         early = [old.received for old in self._previous.values() if getattr(old, "received", None)]
         if early:  # noted by pyvmm/__main__.py while pyvmm was imported: act on it now

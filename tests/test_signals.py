@@ -33,6 +33,10 @@ def pyvmm(*args, stdout=subprocess.PIPE) -> subprocess.Popen:
 def finish(proc: subprocess.Popen, timeout: float = 20) -> tuple[bytes, str]:
     try:
         out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:  # say what the process made of its signals before it is killed
+        with open(f"/proc/{proc.pid}/status") as f:
+            sigs = [line.strip() for line in f if line.startswith(("SigPnd", "ShdPnd", "SigBlk", "SigIgn", "SigCgt"))]
+        raise AssertionError(f"pyvmm did not end within {timeout} s; its signal state: {sigs}") from None
     finally:
         if proc.poll() is None:
             proc.kill()
