@@ -51,7 +51,8 @@ def entry() -> int:
         import signal
 
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(sig, _early_stop)
+            if signal.getsignal(sig) is not signal.SIG_IGN:  # ignored by who started us (nohup, `cmd &`): stays so
+                signal.signal(sig, _early_stop)
         # a signal mask inherited blocked (exec keeps it) would hold these pending for ever: pyvmm wants them
         signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGINT, signal.SIGTERM, signal.SIGHUP))
         from .cli import main

@@ -425,6 +425,8 @@ class _SignalStop:
         held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # all three at once: none half-handled
         try:
             for sig in STOP_SIGNALS:
+                if signal.getsignal(sig) is signal.SIG_IGN:  # ignored by who started pyvmm (nohup: SIGHUP; a
+                    continue                                # script's `pyvmm ... &`: SIGINT): it stays ignored
                 self._previous[sig] = signal.signal(sig, self.handle)
             _active = self
         finally:

@@ -103,3 +103,13 @@ def huge_pages():
         return free()
     except (OSError, ValueError):
         return 0
+
+
+def default_signals() -> None:
+    """Popen(preexec_fn=...): the child starts with SIGINT, SIGTERM and SIGHUP at their default actions, as from a
+    terminal.  A test run started in the background (`cmd &` ignores SIGINT) or under nohup (SIGHUP) would
+    otherwise pass those ignored dispositions on, and pyvmm keeps what its parent ignored."""
+    import signal
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)

@@ -262,7 +262,7 @@ def test_each_documented_exit_status_from_the_case_it_names(x86_firmware):
     import subprocess
     import sys
 
-    from tests.conftest import ROOT
+    from tests.conftest import ROOT, default_signals
 
     def guest(name, *extra, send=None):
         cmd = [sys.executable, "-m", "pyvmm", "run", os.path.join(x86_firmware, name), "-m", "4M", *extra]
@@ -270,6 +270,7 @@ def test_each_documented_exit_status_from_the_case_it_names(x86_firmware):
             return subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=ROOT,
                                   stdin=subprocess.DEVNULL)
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                                preexec_fn=default_signals,
                                 stdin=subprocess.DEVNULL)
         assert select.select([proc.stdout], [], [], 30)[0], "the guest printed nothing"
         proc.stdout.readline()  # the guest runs

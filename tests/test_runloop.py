@@ -20,7 +20,7 @@ from devices.testdev import Access, MmioTestDevice, PortTestDevice
 from pyvmm.kvm import uapi
 from pyvmm.outcome import ExitKind, Outcome
 from pyvmm.vm import Vm
-from tests.conftest import ROOT
+from tests.conftest import ROOT, default_signals
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -259,7 +259,7 @@ def test_sigint_while_run_starts_its_vcpu_threads(x86_firmware):
 def test_sigint_to_the_cli_stops_the_guest(x86_firmware):
     proc = subprocess.Popen([sys.executable, "-m", "pyvmm", "run", os.path.join(x86_firmware, "spin"), "-m", "2M",
                              "--vcpus", "2"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=ROOT)
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT, preexec_fn=default_signals)
     try:
         ready, _, _ = select.select([proc.stdout], [], [], 20)
         assert ready, "the CLI printed nothing within 20 s"

@@ -17,7 +17,7 @@ import time
 import pytest
 
 from pyvmm.outcome import ExitKind, Outcome
-from tests.conftest import ROOT
+from tests.conftest import ROOT, default_signals
 
 SPIN_TEXT = "spin: spinning\n"
 STATUS = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGHUP: 129}
@@ -27,6 +27,7 @@ CHATTER = bytes.fromhex("baf803b078eeebfd")
 
 def pyvmm(*args, stdout=subprocess.PIPE) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "pyvmm", *args], cwd=ROOT, stdin=subprocess.DEVNULL,
+                            preexec_fn=default_signals,
                             stdout=stdout, stderr=subprocess.PIPE)
 
 
@@ -215,7 +216,8 @@ def test_terminal_is_restored_after_a_signal(spin, sig):
     try:
         before = termios.tcgetattr(tty)
         proc = subprocess.Popen([sys.executable, "-m", "pyvmm", "run", spin, "-m", "2M", "--timeout", "30"],
-                                cwd=ROOT, stdin=tty, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                                cwd=ROOT, stdin=tty, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                preexec_fn=default_signals)
         wait_for_spin(proc)
         assert termios.tcgetattr(tty) != before  # raw while the guest runs
         proc.send_signal(sig)
@@ -400,3 +402,29 @@ def test_every_documented_exit_status_is_produced():
 
     assert EXIT_BAD_INPUT == 2
     assert signal_line(signal.SIGTERM) == "pyvmm: stopped by SIGTERM"
+
+
+@pytest.mark.timeout(60)
+def test_a_signal_ignored_by_who_started_pyvmm_stays_ignored(spin):
+    """nohup ignores SIGHUP, a script's `pyvmm ... &` SIGINT: pyvmm keeps them ignored (the guest runs on to its
+    timeout) and still stops on the others."""
+    def ignore_hup_and_int():
+        default_signals()
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    proc = subprocess.Popen([sys.executable, "-m", "pyvmm", "run", spin, "-m", "2M", "--timeout", "1.5"], cwd=ROOT,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=ignore_hup_and_int)
+    wait_for_spin(proc)
+    proc.send_signal(signal.SIGHUP)
+    proc.send_signal(signal.SIGINT)
+    _, err = finish(proc)
+    assert proc.returncode == 124, err  # both ignored: the timeout ended it
+    proc = subprocess.Popen([sys.executable, "-m", "pyvmm", "run", spin, "-m", "2M", "--timeout", "30"], cwd=ROOT,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=ignore_hup_and_int)
+    wait_for_spin(proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = finish(proc)
+    assert proc.returncode == 143 and stop_lines(err) == ["pyvmm: stopped: stopped by SIGTERM"], err
