@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, default_signals
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -57,6 +57,7 @@ def _run_on_a_terminal(image: str, keys: bytes, wait_for: bytes, signum: int | N
     pid, master = pty.fork()
     if pid == 0:  # the child: pyvmm with the terminal as stdin/stdout/stderr
         os.chdir(ROOT)
+        default_signals()  # as from a terminal, whatever the test run's own parent ignored
         os.execv(sys.executable, _pyvmm(image, "-m", "2M", "--timeout", "30"))
     try:
         before = termios.tcgetattr(master)

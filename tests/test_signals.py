@@ -261,8 +261,15 @@ def _open_fds() -> set[str]:
 
 @pytest.fixture
 def main_thread_only():
+    """The main thread, with SIGINT/SIGTERM/SIGHUP as in a process started from a terminal for the test's duration
+    (a test run started in the background has SIGINT ignored, and pyvmm keeps what its parent ignored)."""
     if threading.current_thread() is not threading.main_thread():
         pytest.skip("signal handlers exist on the main thread only")
+    wanted = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL, signal.SIGHUP: signal.SIG_DFL}
+    previous = {sig: signal.signal(sig, handler) for sig, handler in wanted.items()}
+    yield
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
 
 
 def _send_to_self(*sigs):
