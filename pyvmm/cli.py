@@ -495,7 +495,7 @@ def _say(line: str) -> None:
 def _check_paths(args, backings: list[BackingSpec], disks: list[tuple[str, bool]]) -> None:
     """Every file the run will read or map, checked before any VM exists: the kind of file each option expects
     (a FIFO would block, /dev/zero read forever).  The files are read later; this is their kind and presence."""
-    from .paths import file_kind, stat_path
+    from .paths import regular_file
 
     def regular(path: str, what: str, may_be_missing: bool = False) -> None:
         if may_be_missing:
@@ -504,12 +504,8 @@ def _check_paths(args, backings: list[BackingSpec], disks: list[tuple[str, bool]
             except FileNotFoundError:  # created when the backing is made (its directory is checked then)
                 return
             except OSError:
-                pass  # stat_path says what
-        st = stat_path(path, what)
-        if not stat.S_ISREG(st.st_mode):
-            raise ConfigError(f"{what} {path}: {file_kind(st.st_mode)}; a regular file is expected")
-        if st.st_size == 0 and not may_be_missing:  # file: backings are extended to the slot's size
-            raise ConfigError(f"{what} {path}: file is empty")
+                pass  # regular_file says what
+        regular_file(path, what, empty_ok=may_be_missing)  # file: backings are extended to the slot's size
 
     for path, what in ((args.image, "guest image"), (args.initrd, "--initrd"), (args.pvmfw, "--pvmfw")):
         if path is not None:

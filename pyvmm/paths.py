@@ -32,14 +32,20 @@ def stat_path(path: str, what: str) -> os.stat_result:
         raise ConfigError(f"{what} {path}: {err.strerror}") from None
 
 
-def read_regular(path: str, what: str, limit: int) -> bytes:
-    """The whole of a regular file of at most ``limit`` bytes; anything else is refused before it is opened (and
-    opened O_NONBLOCK, so a file swapped for a FIFO after the check cannot block either)."""
+def regular_file(path: str, what: str, empty_ok: bool = False) -> os.stat_result:
+    """``path`` must be a regular file (and not empty unless ``empty_ok``), else one ConfigError line."""
     st = stat_path(path, what)
     if not stat.S_ISREG(st.st_mode):
         raise ConfigError(f"{what} {path}: {file_kind(st.st_mode)}; a regular file is expected")
-    if st.st_size == 0:
+    if st.st_size == 0 and not empty_ok:
         raise ConfigError(f"{what} {path}: file is empty")
+    return st
+
+
+def read_regular(path: str, what: str, limit: int) -> bytes:
+    """The whole of a regular file of at most ``limit`` bytes; anything else is refused before it is opened (and
+    opened O_NONBLOCK, so a file swapped for a FIFO after the check cannot block either)."""
+    st = regular_file(path, what)
     if st.st_size > limit:
         raise ConfigError(f"{what} {path}: {st.st_size} bytes, more than the {limit >> 20} MiB pyvmm loads")
     try:

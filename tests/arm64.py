@@ -48,3 +48,15 @@ def memtouch(protected: bool, backing: str, size: int = 8 << 20):
     except BaseException:
         vm.close()
         raise
+
+
+KINDS = ["normal", "protected"]
+
+
+@pytest.fixture(params=KINDS)
+def kind(request):
+    """Each arm64 VM kind this lab can make: "normal", and "protected" where pKVM is on (else skipped)."""
+    require_arm64_kvm()
+    if request.param == "protected":
+        require_pkvm()
+    return request.param

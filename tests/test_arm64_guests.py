@@ -8,19 +8,10 @@ import pytest
 
 from pyvmm.outcome import ExitKind
 from pyvmm.vm import Vm
-from tests.arm64 import guest, require_arm64_kvm, require_pkvm
+from tests.arm64 import guest, kind  # noqa: F401 - kind is a fixture
 from tests.expected import MEMTOUCH_LINE, MMIO_GUEST_LOG, memtouch_checksum
 
-KINDS = ["normal", "protected"]
 RAM_BASE = 0x8000_0000
-
-
-@pytest.fixture(params=KINDS)
-def kind(request):
-    require_arm64_kvm()
-    if request.param == "protected":
-        require_pkvm()
-    return request.param
 
 
 def boot(kind, name, memory=8 << 20, backing="anon", vcpus=1, timeout=120):

@@ -17,19 +17,10 @@ from pyvmm.arch.arm64.features import CpuFeature, FeatureRequest
 from pyvmm.kvm.errors import ConfigError, MissingFeature
 from pyvmm.outcome import ExitKind
 from pyvmm.vm import Vm
-from tests.arm64 import guest, require_arm64_kvm, require_pkvm
+from tests.arm64 import guest, kind, require_arm64_kvm, require_pkvm  # noqa: F401 - kind is a fixture
 from tests.conftest import run_cli
 
-KINDS = ["normal", "protected"]
 KVM_ITS_IIDR = 0x4B00_043B  # vgic-its.c: PRODUCT_ID_KVM (0x4b) << 24 | IMPLEMENTER_ARM (0x43b), revision 0..
-
-
-@pytest.fixture(params=KINDS)
-def kind(request):
-    require_arm64_kvm()
-    if request.param == "protected":
-        require_pkvm()
-    return request.param
 
 
 def platform(kind, cmdline=None, initrd=None, features=None, memory=16 << 20, vcpus=1):
