@@ -25,7 +25,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from devices.virtio import VirtioRng  # noqa: E402
+from pyvmm.devices.virtio import VirtioRng  # noqa: E402
 from tests.linux_guest import boot  # noqa: E402
 
 GUEST_CLOCK = r"""

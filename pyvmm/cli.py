@@ -21,7 +21,7 @@ import stat
 import sys
 import threading
 
-from devices.virtio.net import parse_mac
+from pyvmm.devices.virtio.net import parse_mac
 
 from .caps import format_caps, probe
 from .kvm import Kvm

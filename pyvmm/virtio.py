@@ -29,10 +29,10 @@ import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from devices.virtio import MMIO_SIZE, VirtioDevice, VirtioMmioTransport
-from devices.virtio.device import VIRTIO_F_ACCESS_PLATFORM, DeviceStatus
-from devices.virtio.mmio import VIRTIO_MMIO_QUEUE_NOTIFY
-from devices.virtio.queue import Virtqueue
+from pyvmm.devices.virtio import MMIO_SIZE, VirtioDevice, VirtioMmioTransport
+from pyvmm.devices.virtio.device import VIRTIO_F_ACCESS_PLATFORM, DeviceStatus
+from pyvmm.devices.virtio.mmio import VIRTIO_MMIO_QUEUE_NOTIFY
+from pyvmm.devices.virtio.queue import Virtqueue
 
 from . import hostmem
 from .kvm import uapi

@@ -34,8 +34,8 @@ from .terminal import discard_output
 from .vcpu import KICK_SIGNAL, Vcpu
 from .virtio import DMA_POOL_ALIGN, MAX_DEVICE_FAULTS, DmaPool, VirtioMmio
 from .tap import open_tap, random_mac
-from devices.virtio import VirtioBlock, VirtioConsole, VirtioDevice, VirtioRng
-from devices.virtio.net import VirtioNet, parse_mac
+from pyvmm.devices.virtio import VirtioBlock, VirtioConsole, VirtioDevice, VirtioRng
+from pyvmm.devices.virtio.net import VirtioNet, parse_mac
 
 
 log = logging.getLogger("pyvmm.console")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from devices import testdev
+from pyvmm.devices import testdev
 
 MEMTOUCH_PATTERN = 0x5A17C0DE9E3779B9
 MEMTOUCH_STRIDE = 64

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from devices.testdev import MmioTestDevice
+from pyvmm.devices.testdev import MmioTestDevice
 from pyvmm.bus import Bus
 from pyvmm.kvm import uapi
 from pyvmm.kvm.errors import ConfigError, KvmError

@@ -18,9 +18,9 @@ import threading
 
 import pytest
 
-from devices.virtio import DeviceStatus, VirtioMmioTransport, VirtioRng
-from devices.virtio.blk import VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN
-from devices.virtio.device import TRANSPORT_FEATURES, VIRTIO_F_ACCESS_PLATFORM
+from pyvmm.devices.virtio import DeviceStatus, VirtioMmioTransport, VirtioRng
+from pyvmm.devices.virtio.blk import VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN
+from pyvmm.devices.virtio.device import TRANSPORT_FEATURES, VIRTIO_F_ACCESS_PLATFORM
 from pyvmm.arch.arm64 import fdt, layout, pkvm
 from pyvmm.cli import main as cli_main
 from pyvmm.kvm.errors import ConfigError

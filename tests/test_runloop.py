@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from devices.testdev import Access, MmioTestDevice, PortTestDevice
+from pyvmm.devices.testdev import Access, MmioTestDevice, PortTestDevice
 from pyvmm.kvm import uapi
 from pyvmm.outcome import ExitKind, Outcome
 from pyvmm.vm import Vm

@@ -8,8 +8,8 @@ import struct
 
 import pytest
 
-from devices.virtio import DeviceStatus, VirtioBlock, VirtioMmioTransport
-from devices.virtio.blk import (VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
+from pyvmm.devices.virtio import DeviceStatus, VirtioBlock, VirtioMmioTransport
+from pyvmm.devices.virtio.blk import (VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
                                 VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
                                 VIRTIO_BLK_T_OUT)
 from tests.test_virtio_driver import DATA_BASE, HOLE, SLOT_B, Buf, Driver, FakeMemory, Interrupts

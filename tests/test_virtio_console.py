@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import threading
 
-from devices.virtio import VirtioConsole, VirtioMmioTransport
-from devices.virtio.console import RECEIVEQ, TRANSMITQ, VIRTIO_CONSOLE_F_SIZE
+from pyvmm.devices.virtio import VirtioConsole, VirtioMmioTransport
+from pyvmm.devices.virtio.console import RECEIVEQ, TRANSMITQ, VIRTIO_CONSOLE_F_SIZE
 from tests.test_virtio_driver import DATA_BASE, HOLE, Buf, Driver, FakeMemory, Interrupts
 
 

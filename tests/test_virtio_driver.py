@@ -8,9 +8,9 @@ from dataclasses import dataclass
 
 import pytest
 
-from devices.virtio import mmio
-from devices.virtio.device import TRANSPORT_FEATURES, DeviceStatus
-from devices.virtio.queue import (VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE,
+from pyvmm.devices.virtio import mmio
+from pyvmm.devices.virtio.device import TRANSPORT_FEATURES, DeviceStatus
+from pyvmm.devices.virtio.queue import (VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE,
                                   vring_need_event)
 from pyvmm.kvm.errors import GuestMemoryError
 
@@ -251,7 +251,7 @@ def test_vring_need_event():
 
 
 def test_driver_negotiates_like_linux():
-    from devices.virtio import VirtioRng
+    from pyvmm.devices.virtio import VirtioRng
 
     mem = FakeMemory()
     t = mmio.VirtioMmioTransport(VirtioRng(queue_size=64), mem, Interrupts())

@@ -22,12 +22,12 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from devices.virtio import DeviceStatus, VirtioBlock, VirtioConsole, VirtioMmioTransport, VirtioRng
-from devices.virtio.blk import VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT
-from devices.virtio.console import RECEIVEQ, TRANSMITQ
-from devices.virtio.device import VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VIRTIO_F_VERSION_1
-from devices.virtio.mmio import VIRTIO_MMIO_INT_CONFIG
-from devices.virtio.queue import CHUNK, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
+from pyvmm.devices.virtio import DeviceStatus, VirtioBlock, VirtioConsole, VirtioMmioTransport, VirtioRng
+from pyvmm.devices.virtio.blk import VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT
+from pyvmm.devices.virtio.console import RECEIVEQ, TRANSMITQ
+from pyvmm.devices.virtio.device import VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VIRTIO_F_VERSION_1
+from pyvmm.devices.virtio.mmio import VIRTIO_MMIO_INT_CONFIG
+from pyvmm.devices.virtio.queue import CHUNK, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
 from tests.test_virtio_driver import HOLE, SLOT_B, SLOT_C, Buf, Driver, FakeMemory, Interrupts
 
 # The queue code is architecture-independent Python: the full run is the x86 host's; the emulated arm64

@@ -13,9 +13,9 @@ import os
 
 import pytest
 
-from devices.virtio import VirtioBlock, VirtioConsole, VirtioRng
-from devices.virtio.device import DeviceStatus
-from devices.virtio.mmio import VIRTIO_MMIO_QUEUE_NOTIFY
+from pyvmm.devices.virtio import VirtioBlock, VirtioConsole, VirtioRng
+from pyvmm.devices.virtio.device import DeviceStatus
+from pyvmm.devices.virtio.mmio import VIRTIO_MMIO_QUEUE_NOTIFY
 from pyvmm.outcome import ExitKind
 
 DISK_SIZE = 1 << 20

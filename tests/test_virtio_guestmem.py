@@ -9,8 +9,8 @@ import struct
 
 import pytest
 
-from devices.virtio import DeviceStatus, VirtioBlock, VirtioMmioTransport, VirtioRng
-from devices.virtio.blk import VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT
+from pyvmm.devices.virtio import DeviceStatus, VirtioBlock, VirtioMmioTransport, VirtioRng
+from pyvmm.devices.virtio.blk import VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT
 from tests.test_virtio_driver import Buf, Driver, Interrupts
 
 MIB = 1 << 20

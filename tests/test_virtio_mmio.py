@@ -7,10 +7,10 @@ import struct
 
 import pytest
 
-from devices.virtio import DeviceStatus, VirtioConsole, VirtioMmioTransport, VirtioRng, mmio
-from devices.virtio.device import (TRANSPORT_FEATURES, VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC,
+from pyvmm.devices.virtio import DeviceStatus, VirtioConsole, VirtioMmioTransport, VirtioRng, mmio
+from pyvmm.devices.virtio.device import (TRANSPORT_FEATURES, VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC,
                                    VIRTIO_F_VERSION_1, VirtioDevice)
-from devices.virtio.queue import (VIRTQ_AVAIL_F_NO_INTERRUPT, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT,
+from pyvmm.devices.virtio.queue import (VIRTQ_AVAIL_F_NO_INTERRUPT, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT,
                                   VIRTQ_DESC_F_WRITE)
 from tests.test_virtio_driver import DATA_BASE, HOLE, Buf, Driver, FakeMemory, Interrupts
 

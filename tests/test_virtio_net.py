@@ -12,8 +12,8 @@ import sys
 
 import pytest
 
-from devices.virtio import VirtioMmioTransport
-from devices.virtio.net import VirtioNet, parse_mac
+from pyvmm.devices.virtio import VirtioMmioTransport
+from pyvmm.devices.virtio.net import VirtioNet, parse_mac
 from tests.conftest import ROOT
 from tests.test_virtio_driver import DATA_BASE, Buf, Driver, FakeMemory, Interrupts
 
@@ -23,8 +23,8 @@ pytestmark = pytest.mark.timeout(60)
 SCRIPT = r"""
 import os, socket, struct, sys, time
 sys.path.insert(0, os.getcwd())
-from devices.virtio import VirtioMmioTransport
-from devices.virtio.net import VirtioNet
+from pyvmm.devices.virtio import VirtioMmioTransport
+from pyvmm.devices.virtio.net import VirtioNet
 from pyvmm.tap import open_tap
 from tests.test_virtio_driver import DATA_BASE, Buf, Driver, FakeMemory, Interrupts
 

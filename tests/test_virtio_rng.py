@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from devices.virtio import VirtioMmioTransport, VirtioRng
+from pyvmm.devices.virtio import VirtioMmioTransport, VirtioRng
 from tests.test_virtio_driver import DATA_BASE, SLOT_B, Buf, Driver, FakeMemory, Interrupts
 
 

@@ -34,10 +34,10 @@ from .. import RegisterDump
 from ...virtio import DMA_POOL_ALIGN, DmaPool, VirtioSlot, default_dma_pool
 from . import cpu, fdt, features, gic, layout, linux, pkvm
 
-from devices.debug_exit import DebugExit
-from devices.testdev import SIZE as TESTDEV_SIZE
-from devices.testdev import MmioTestDevice
-from devices.uart16550 import Uart16550
+from pyvmm.devices.debug_exit import DebugExit
+from pyvmm.devices.testdev import SIZE as TESTDEV_SIZE
+from pyvmm.devices.testdev import MmioTestDevice
+from pyvmm.devices.uart16550 import Uart16550
 
 DEFAULT_IPA_BITS = 40
 # PSCI SYSTEM_RESET2's vendor-specific reset type (bit 31 set) by which a guest exits with status x2 (the cookie):

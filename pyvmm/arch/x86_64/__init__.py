@@ -23,12 +23,12 @@ from ...virtio import VirtioSlot
 from .. import RegisterDump
 from . import cpu, layout, linux
 
-from devices.debug_exit import DebugExit
-from devices.reset_control import ResetControl
-from devices.testdev import SIZE as TESTDEV_SIZE
-from devices.testdev import PORT_SIZE as PORT_TEST_SIZE
-from devices.testdev import MmioTestDevice, PortTestDevice
-from devices.uart16550 import Uart16550
+from pyvmm.devices.debug_exit import DebugExit
+from pyvmm.devices.reset_control import ResetControl
+from pyvmm.devices.testdev import SIZE as TESTDEV_SIZE
+from pyvmm.devices.testdev import PORT_SIZE as PORT_TEST_SIZE
+from pyvmm.devices.testdev import MmioTestDevice, PortTestDevice
+from pyvmm.devices.uart16550 import Uart16550
 
 BOOT_MODES = ("auto", "real", "long", "linux")
 
