@@ -6,7 +6,7 @@ guests that want to end with a status the host can assert on.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 
 class DebugExit:

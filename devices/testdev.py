@@ -15,7 +15,7 @@ guest did.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from pyvmm.record import Record
 
 ID_OFFSET = 0x000
 ID_VALUE = int.from_bytes(b"PYVMMTST", "little")
@@ -24,12 +24,15 @@ SCRATCH_SIZE = 0x100
 SIZE = 0x1000
 
 
-@dataclass(frozen=True)
-class Access:
-    offset: int
-    size: int
-    is_write: bool
-    value: int
+class Access(Record):
+    __slots__ = ("offset", "size", "is_write", "value")
+    __hash__ = Record.value_hash
+
+    def __init__(self, offset: int, size: int, is_write: bool, value: int):
+        self.offset = offset
+        self.size = size
+        self.is_write = is_write
+        self.value = value
 
 
 class MmioTestDevice:

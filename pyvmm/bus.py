@@ -9,15 +9,20 @@ past its end (a device only ever sees offsets within its own range).  ``summary(
 
 from __future__ import annotations
 
-import bisect
-import logging
+from bisect import bisect_right
 import threading
-from dataclasses import dataclass
-from typing import Protocol
 
 from .kvm.errors import ConfigError
+from .record import Record
+from .logs import getLogger
 
-log = logging.getLogger("pyvmm.bus")
+log = getLogger("pyvmm.bus")
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING (type checkers take it as true), without importing typing at run time
+if TYPE_CHECKING:
+    from typing import Protocol
+else:
+    Protocol = object  # a plain base at run time: typing is not imported (pyvmm run's start-up)
 
 
 class BusDevice(Protocol):
@@ -26,12 +31,15 @@ class BusDevice(Protocol):
     def write(self, offset: int, data: bytes) -> None: ...
 
 
-@dataclass(frozen=True)
-class BusRange:
-    base: int
-    size: int
-    device: BusDevice
-    name: str
+class BusRange(Record):
+    __slots__ = ("base", "size", "device", "name")
+    __hash__ = Record.value_hash
+
+    def __init__(self, base: int, size: int, device: BusDevice, name: str):
+        self.base = base
+        self.size = size
+        self.device = device
+        self.name = name
 
     @property
     def end(self) -> int:
@@ -79,7 +87,7 @@ class Bus:
 
     def find(self, addr: int) -> BusRange | None:
         starts, ranges = self._table
-        i = bisect.bisect_right(starts, addr) - 1
+        i = bisect_right(starts, addr) - 1
         if i >= 0 and addr < ranges[i].end:
             return ranges[i]
         return None
@@ -117,6 +125,8 @@ class Bus:
         return (f"{count} unclaimed {self.name} access{'es' if count > 1 else ''} (reads returned 0, writes were "
                 f"dropped): {', '.join(first)}{more}")
 
+    # read() and write() run once per guest access: each looks its device up itself (as find() does), and calls
+    # _claim() only for an access no device owns whole.
     def _claim(self, addr: int, size: int, is_write: bool) -> BusRange | None:
         """The device that owns the whole access [addr, addr+size), or None (counted as unclaimed)."""
         entry = self.find(addr)
@@ -126,16 +136,35 @@ class Bus:
         return None
 
     def read(self, addr: int, size: int) -> bytes:
-        entry = self._claim(addr, size, False)
-        if entry is None:
-            return bytes(size)
-        with self._lock:
+        starts, ranges = self._table
+        i = bisect_right(starts, addr) - 1
+        entry = ranges[i] if i >= 0 else None
+        if entry is None or addr + size > entry.base + entry.size:
+            entry = self._claim(addr, size, False)
+            if entry is None:
+                return bytes(size)
+        lock = self._lock  # acquire/release: half the cost of a with statement, here once per guest access
+        lock.acquire()
+        try:
             data = entry.device.read(addr - entry.base, size)
-        return bytes(data[:size]).ljust(size, b"\0")
+        finally:
+            lock.release()
+        if type(data) is not bytes or len(data) != size:
+            data = bytes(data[:size]).ljust(size, b"\0")
+        return data
 
-    def write(self, addr: int, data: bytes) -> None:
-        entry = self._claim(addr, len(data), True)
-        if entry is None:
-            return
-        with self._lock:
+    def write(self, addr: int, data: bytes | memoryview) -> None:
+        """``data`` may be a view (of kvm_run): the device gets a copy of its own, as bytes."""
+        starts, ranges = self._table
+        i = bisect_right(starts, addr) - 1
+        entry = ranges[i] if i >= 0 else None
+        if entry is None or addr + len(data) > entry.base + entry.size:
+            entry = self._claim(addr, len(data), True)
+            if entry is None:
+                return
+        lock = self._lock
+        lock.acquire()
+        try:
             entry.device.write(addr - entry.base, bytes(data))
+        finally:
+            lock.release()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from .arch import machine_name
-from .hostinfo import kvm_arm_mode
+from .hostinfo import kvm_arm_mode, page_size, pkvm_share_granule
 from .kvm import Kvm, uapi
 from .kvm.errors import KvmError, PyvmmError
 from .arch.arm64.pkvm import ProtectedVmSupport, protected_vm_support
@@ -89,14 +89,19 @@ class HostCaps:
     backings: dict[str, str] = field(default_factory=dict)
     # arm64: per VM kind ("normal", "protected"), per feature (pmu, sve, ptrauth, its, debug): offered, KVM's answer
     features: dict[str, dict[str, dict]] = field(default_factory=dict)
+    page_size: int = 0  # the host kernel's page size: memslots are in these units
+    pkvm_granule: int | None = None  # what HYP_MEMINFO answers a protected guest (hostinfo.pkvm_share_granule)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        if self.protected_vm is not None:  # a plain record (pkvm.py), which asdict() leaves as it is
+            out["protected_vm"] = self.protected_vm.as_dict()
+        return out
 
 
 def probe(kvm: Kvm) -> HostCaps:
     arch = machine_name()
-    caps = HostCaps(arch, kvm.path, kvm.api_version(), kvm.vcpu_mmap_size())
+    caps = HostCaps(arch, kvm.path, kvm.api_version(), kvm.vcpu_mmap_size(), page_size=page_size())
     with kvm.create_vm(0) as vm:
         for name, cap, on_vm in CAPABILITIES:
             if name.startswith("KVM_CAP_ARM_") and arch != "arm64":
@@ -115,6 +120,7 @@ def probe(kvm: Kvm) -> HostCaps:
         caps.ipa_bits = caps.capabilities.get("KVM_CAP_ARM_VM_IPA_SIZE") or 40
         caps.kvm_arm_mode = kvm_arm_mode()
     caps.protected_vm = protected_vm_support(kvm, arch)
+    caps.pkvm_granule = pkvm_share_granule(arch == "arm64" and caps.protected_vm.available)
     if arch == "arm64":
         caps.vm_types = ["default"] + (["KVM_VM_TYPE_ARM_PROTECTED"] if caps.protected_vm.available else [])
         if caps.protected_vm.available:  # made as protected_vm_support made its own: that one answered
@@ -137,9 +143,14 @@ def arm64_feature_offers(vm) -> dict[str, dict]:
     return out
 
 
+def _kib(size: int) -> str:
+    return f"{size >> 10} KiB ({size:#x})" if size >= 1024 and size % 1024 == 0 else f"{size} bytes"
+
+
 def format_caps(caps: HostCaps) -> str:
     out = [f"KVM at {caps.kvm_path}: API version {caps.api_version}, {caps.arch}, "
            f"kvm_run is {caps.vcpu_mmap_size} bytes"]
+    out.append(f"host page size: {_kib(caps.page_size)} (memslot addresses and sizes are multiples of it)")
     out.append("capabilities (KVM_CHECK_EXTENSION):")
     for name, value in caps.capabilities.items():
         shown = "no" if value == 0 else "yes" if value == 1 else f"{value} ({value:#x})"
@@ -154,6 +165,9 @@ def format_caps(caps: HostCaps) -> str:
         out.append(f"IPA size: up to {caps.ipa_bits} bits; kvm-arm.mode={caps.kvm_arm_mode or '(default)'}")
     pv = caps.protected_vm
     out.append(f"protected VMs: {'yes, ' + pv.abi + ' ABI' if pv.available else 'no'} ({pv.reason})")
+    if caps.pkvm_granule:
+        out.append(f"pKVM memory-sharing granule: {_kib(caps.pkvm_granule)} (HYP_MEMINFO answers the hypervisor's "
+                   "PAGE_SIZE, the host's: a protected guest shares and unshares memory in these units)")
     if caps.features:
         kinds = list(caps.features)
         out.append("arm64 features by VM type (KVM_CHECK_EXTENSION on a fresh VM of each type; pyvmm run turns on "

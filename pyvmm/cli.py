@@ -8,11 +8,8 @@ Exit status of ``run``: ``EXIT_STATUSES`` (0 clean end, N the guest's status, 1 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import contextlib
 import errno
-import json
-import logging
 import math
 import os
 import re
@@ -20,10 +17,9 @@ import signal
 import stat
 import sys
 import threading
+from collections.abc import Callable
 
-from pyvmm.devices.virtio.net import parse_mac
-
-from .caps import format_caps, probe
+from . import __version__, logs
 from .kvm import Kvm
 from .kvm.errors import ConfigError, MissingFeature, PyvmmError
 from .memory.backing import BackingKind, BackingSpec
@@ -31,7 +27,6 @@ from .outcome import ExitKind, Outcome
 from .runloop import signal_stop_of, stop_runs_from_now
 from .terminal import ESCAPE_HELP, StdinForwarder, discard_output
 from .vcpu import ensure_kick_is_harmless
-from .virtio import DMA_POOL_ALIGN
 from .vm import MAX_TIMEOUT, Vm, file_echo, stdout_echo
 
 EXIT_BAD_INPUT = 2
@@ -82,6 +77,8 @@ def _positive_int(text: str) -> int:
 
 
 def _pool_size(text: str) -> int:
+    from .virtio import DMA_POOL_ALIGN  # (the virtio machinery, imported only when --dma-pool is given)
+
     if re.fullmatch(r"\s*(0x)?0+[kKmMgG]?\s*", text):  # 0, 0M, 0x0: no pool
         return 0
     try:
@@ -110,31 +107,103 @@ def _timeout(text: str) -> float:
 
 
 class _Parser(argparse.ArgumentParser):
+    """A usage error is one line and status 2.  A command's arguments are added (``arguments(parser)``) when that
+    command is parsed or its help printed, and a callable ``epilog`` (run's exit-status table: textwrap) is called
+    when its help is printed: argparse checks every argument as it is added, and building every command's parser
+    took longer than running a small guest."""
+
+    def __init__(self, *args, arguments: Callable[[argparse.ArgumentParser], None] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._arguments = arguments
+
+    def _complete(self) -> None:
+        if self._arguments is not None:
+            add, self._arguments = self._arguments, None
+            add(self)
+
+    def parse_known_args(self, args=None, namespace=None):
+        self._complete()
+        return super().parse_known_args(args, namespace)
+
+    def format_usage(self) -> str:
+        self._complete()
+        return super().format_usage()
+
+    def format_help(self) -> str:
+        self._complete()
+        if callable(self.epilog):
+            self.epilog = self.epilog()
+        return super().format_help()
+
     def error(self, message: str):  # one line, status 2
         self.exit(EXIT_BAD_INPUT, f"pyvmm: error: {message} (see {self.prog} --help)\n")
+
+    def _get_formatter(self) -> argparse.HelpFormatter:
+        # argparse's own asks shutil for the terminal's width, and argparse makes one to check each argument added:
+        # shutil (with bz2, lzma and zlib) was a tenth of pyvmm's start-up.  The same width, asked directly.
+        return self.formatter_class(prog=self.prog, width=_help_width())
+
+
+def _help_width() -> int:
+    """The width argparse formats help for: shutil.get_terminal_size()'s columns ($COLUMNS, else the terminal's,
+    else 80) less 2."""
+    try:
+        columns = int(os.environ.get("COLUMNS", ""))
+    except ValueError:
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns
+        except (AttributeError, ValueError, OSError):
+            columns = 0
+    return (columns or 80) - 2
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="pyvmm", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log unclaimed accesses and run details")
     parser.add_argument("--kvm-device", default="/dev/kvm", metavar="PATH", help="the KVM device node (default /dev/kvm)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
-    # the VM's shape: what `run` boots and what `check` predicts
-    shape = argparse.ArgumentParser(add_help=False)
-    shape.add_argument("-m", "--memory", default="16M", help="guest RAM size (default 16M)")
-    shape.add_argument("-b", "--backing", default="anon",
-                       help="what backs guest RAM: anon, memfd, memfd-hugetlb, guest-memfd, udmabuf (the slot maps "
-                            "the DMA-buf), udmabuf:memfd (the slot maps the memfd behind it), dma-heap:NAME, "
-                            "file:PATH (default anon)")
-    shape.add_argument("--region", action="append", default=[], metavar="GPA,SIZE[,BACKING]",
-                       help="an extra memslot (repeatable), e.g. 0x40000000,2M,udmabuf")
-    shape.add_argument("-c", "--vcpus", type=_positive_int, default=1, help="number of vCPUs (default 1)")
-    shape.add_argument("--protected", action="store_true", help="arm64: create a pKVM protected VM")
+    sub.add_parser("run", help="boot a guest (default: the bundled hello)", arguments=_run_arguments,
+                   description="Boot a guest image.  Without IMAGE, boots the bundled hello for this host.",
+                   epilog=exit_status_help, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub.add_parser("caps", help="show what this host's KVM can do", arguments=_caps_arguments,
+                   description="API version, capabilities, VM types, protected VM support and usable backings.")
+    sub.add_parser(
+        "check", help="predict what a configuration will do, without running it", arguments=_check_arguments,
+        description="Make the VM (its type, backings and memslots) as `pyvmm run` would, then predict its first "
+                    "KVM_RUN from the kernel's rules and this host's facts (each slot's VMA flags, RLIMIT_MEMLOCK "
+                    "and CAP_IPC_LOCK, the pKVM mode), without running it.  What fails while making the VM is "
+                    "reported as it happened.",
+        epilog="exit status: 0 predicted to run, 1 predicted to fail or refused, 2 bad input, 3 this host cannot "
+               "make it (a missing backing or pKVM)")
+    sub.add_parser(
+        "matrix", help="every backing on a normal and a protected VM, predicted and run live", arguments=_matrix_arguments,
+        description="For every backing kind this host offers (and one row per DMA-buf heap), on a normal and on a "
+                    "protected VM: boot the bundled memtouch guest on 8 MiB of it, and print what `pyvmm check` "
+                    "predicted beside what happened.",
+        epilog="exit status: 0 every prediction agreed with the kernel, 1 a mismatch")
+    add_scenario_parser(sub)
+    return parser
 
-    run = sub.add_parser("run", help="boot a guest (default: the bundled hello)", parents=[shape],
-                         description="Boot a guest image.  Without IMAGE, boots the bundled hello for this host.",
-                         epilog=exit_status_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+
+def _shape_arguments(parser: argparse.ArgumentParser) -> None:
+    """The VM's shape: what `run` boots and what `check` predicts."""
+    parser.add_argument("-m", "--memory", default="16M", help="guest RAM size (default 16M)")
+    parser.add_argument("-b", "--backing", default="anon",
+                        help="what backs guest RAM: anon, memfd, memfd-hugetlb, guest-memfd, udmabuf (the slot maps "
+                             "the DMA-buf), udmabuf:memfd (the slot maps the memfd behind it), dma-heap:NAME, "
+                             "file:PATH (default anon)")
+    parser.add_argument("--region", action="append", default=[], metavar="GPA,SIZE[,BACKING]",
+                        help="an extra memslot (repeatable), e.g. 0x40000000,2M,udmabuf")
+    parser.add_argument("-c", "--vcpus", type=_positive_int, default=1, help="number of vCPUs (default 1)")
+    parser.add_argument("--protected", action="store_true", help="arm64: create a pKVM protected VM")
+
+
+def _run_arguments(run: argparse.ArgumentParser) -> None:
+    _shape_arguments(run)
     run.add_argument("image", nargs="?", help="firmware (ELF or flat binary) or Linux kernel image")
     run.add_argument("-t", "--timeout", type=_timeout, default=None, help="stop the guest after this many seconds")
     run.add_argument("--report-json", metavar="FILE", help="write the outcome and any fault report as JSON")
@@ -170,39 +239,34 @@ def build_parser() -> argparse.ArgumentParser:
                      help="where pyvmm's stdin goes and a Linux guest's console is: the 16550 UART (ttyS0, "
                           f"default) or a virtio console (hvc0). On a terminal input is raw: {ESCAPE_HELP}")
 
-    caps = sub.add_parser("caps", help="show what this host's KVM can do",
-                          description="API version, capabilities, VM types, protected VM support and usable backings.")
+
+def _caps_arguments(caps: argparse.ArgumentParser) -> None:
     caps.add_argument("--json", action="store_true", help="machine-readable output")
-    check = sub.add_parser(
-        "check", help="predict what a configuration will do, without running it", parents=[shape],
-        description="Make the VM (its type, backings and memslots) as `pyvmm run` would, then predict its first "
-                    "KVM_RUN from the kernel's rules and this host's facts (each slot's VMA flags, RLIMIT_MEMLOCK "
-                    "and CAP_IPC_LOCK, the pKVM mode), without running it.  What fails while making the VM is "
-                    "reported as it happened.",
-        epilog="exit status: 0 predicted to run, 1 predicted to fail or refused, 2 bad input, 3 this host cannot "
-               "make it (a missing backing or pKVM)")
+
+
+def _check_arguments(check: argparse.ArgumentParser) -> None:
+    _shape_arguments(check)
     check.add_argument("--json", action="store_true", help="machine-readable output (prediction, rules, facts)")
-    matrix = sub.add_parser(
-        "matrix", help="every backing on a normal and a protected VM, predicted and run live",
-        description="For every backing kind this host offers (and one row per DMA-buf heap), on a normal and on a "
-                    "protected VM: boot the bundled memtouch guest on 8 MiB of it, and print what `pyvmm check` "
-                    "predicted beside what happened.",
-        epilog="exit status: 0 every prediction agreed with the kernel, 1 a mismatch")
+
+
+def _matrix_arguments(matrix: argparse.ArgumentParser) -> None:
     matrix.add_argument("--json", action="store_true", help="machine-readable output (every cell)")
     matrix.add_argument("--backing", action="append", metavar="BACKING",
                         help="only this backing (repeatable; default: every kind, each DMA-buf heap)")
     matrix.add_argument("--kind", choices=("normal", "protected"), action="append",
                         help="only this VM kind (repeatable; default both)")
-    add_scenario_parser(sub)
-    return parser
 
 
 def add_scenario_parser(sub) -> None:
-    scenario = sub.add_parser(
+    sub.add_parser(
         "scenario", help="a catalogue of guest-fault classes: list them, run them against this kernel",
+        arguments=_scenario_arguments,
         description="Each scenario is a self-contained reproducer of a guest-fault class: the VM type, the memslots "
                     "and their backings, a bundled guest, what the kernel is expected to answer and why.  Running one "
                     "compares the kernel's real answer with the expected one.")
+
+
+def _scenario_arguments(scenario: argparse.ArgumentParser) -> None:
     actions = scenario.add_subparsers(dest="scenario_command", metavar="ACTION", parser_class=_Parser, required=True)
     listing = actions.add_parser("list", help="every scenario, and whether it can run on this host",
                                  description="Name, arch/VM kind and title of every scenario, whether it can run on "
@@ -253,6 +317,8 @@ def parse_net(text: str) -> tuple[str | None, str | None]:
         key, _, value = opt.partition("=")
         if key != "mac" or not value:
             raise ConfigError(f"bad network option {opt!r} in {text!r} (the only option is mac=MAC)")
+        from pyvmm.devices.virtio.net import parse_mac  # (the virtio devices: only for --net)
+
         try:
             parse_mac(value)  # checked before any VM exists
         except ValueError as err:
@@ -328,7 +394,7 @@ def exit_status_help() -> str:
 def _outcome_dict(outcome: Outcome) -> dict:
     return {"kind": outcome.kind.value, "vcpu": outcome.vcpu, "status": outcome.status,
             "detail": outcome.detail, "exits": outcome.exits,
-            "device_faults": [dataclasses.asdict(f) for f in outcome.device_faults],
+            "device_faults": [f.as_dict() for f in outcome.device_faults],
             "device_faults_dropped": outcome.device_faults_dropped,
             "device_memory": outcome.device_memory}
 
@@ -566,7 +632,7 @@ def cmd_run(args) -> int:
         console_input = (virtio_console or vm.devices["uart"]).feed
         vm.create_vcpus(args.vcpus)
         if vm.cpu_features is not None:  # after the vCPUs: SVE's vector lengths are known then
-            logging.getLogger("pyvmm.features").info("%s VM: %s", vm.kind, "; ".join(vm.cpu_features.describe()))
+            logs.getLogger("pyvmm.features").info("%s VM: %s", vm.kind, "; ".join(vm.cpu_features.describe()))
         vm.boot(args.image, **boot_opts)
 
         def escape() -> None:
@@ -592,16 +658,24 @@ def cmd_run(args) -> int:
         sys.stderr.flush()
     if args.report_json:
         with open(args.report_json, "w") as f:
-            json.dump({"outcome": {**_outcome_dict(outcome), "unclaimed": unclaimed},
-                       "report": outcome.report.to_dict() if outcome.report else None}, f, indent=2)
-            f.write("\n")
+            f.write(_json({"outcome": {**_outcome_dict(outcome), "unclaimed": unclaimed},
+                           "report": outcome.report.to_dict() if outcome.report else None}) + "\n")
     return _exit_status(outcome)
 
 
+def _json(value) -> str:
+    """What --json and --report-json write (json is imported by the commands that write it, not by every one)."""
+    import json
+
+    return json.dumps(value, indent=2)
+
+
 def cmd_caps(args) -> int:
+    from .caps import format_caps, probe  # (caps reads every backing and arch's facts: only this command needs it)
+
     with Kvm(args.kvm_device) as kvm:
         caps = probe(kvm)
-    print(json.dumps(caps.to_dict(), indent=2) if args.json else format_caps(caps))
+    print(_json(caps.to_dict()) if args.json else format_caps(caps))
     return 0
 
 
@@ -615,7 +689,7 @@ def cmd_scenario(args) -> int:
     if args.scenario_command == "list":
         listed = scenarios.scenarios()
         why_not = {s.name: facts.why_not(s) for s in listed}
-        print(json.dumps(text.list_dicts(listed, why_not, facts.machine), indent=2) if args.json
+        print(_json(text.list_dicts(listed, why_not, facts.machine)) if args.json
               else text.list_text(listed, why_not))
         return 0
     if args.all == (args.name is not None):
@@ -624,7 +698,7 @@ def cmd_scenario(args) -> int:
     results = scenarios.run_all(facts) if args.all else [scenarios.run_scenario(scenarios.find(args.name), facts)]
     if args.json:
         dicts = [text.result_dict(r, facts.machine) for r in results]
-        print(json.dumps(dicts if args.all else dicts[0], indent=2))
+        print(_json(dicts if args.all else dicts[0]))
     else:
         print(text.table_text(results) if args.all else text.result_text(results[0], facts.machine))
     if any(r.verdict is scenarios.Verdict.MISMATCH for r in results):
@@ -667,7 +741,7 @@ def cmd_check(args) -> int:
     else:
         with kvm:
             prediction = check(args.protected, regions, args.vcpus, kvm=kvm)
-    print(json.dumps(prediction.to_dict(), indent=2) if args.json else format_prediction(prediction))
+    print(_json(prediction.to_dict()) if args.json else format_prediction(prediction))
     return {Verdict.RUNS: 0, Verdict.UNAVAILABLE: EXIT_UNAVAILABLE}.get(prediction.verdict, EXIT_FAULT)
 
 
@@ -681,7 +755,7 @@ def cmd_matrix(args) -> int:
         progress = None if args.json else (lambda c: print(f"pyvmm: {c.backing} on a {c.kind} VM: "
                                                            f"{c.observed.summary()}", file=sys.stderr, flush=True))
         cells = run_matrix(args.backing, tuple(args.kind or KINDS), kvm=kvm, progress=progress)
-    print(json.dumps([c.to_dict() for c in cells], indent=2) if args.json else format_table(cells))
+    print(_json([c.to_dict() for c in cells]) if args.json else format_table(cells))
     return 0 if all(c.agree for c in cells) else EXIT_FAULT
 
 
@@ -729,8 +803,7 @@ def _signal_of(exc: BaseException | None) -> int | None:
 def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.ERROR,
-                        format="pyvmm: %(name)s: %(message)s")
+    logs.configure(level=logs.INFO if args.verbose else logs.ERROR, format="pyvmm: %(name)s: %(message)s")
     if args.command is None:  # plain `pyvmm`: boot the bundled hello
         args = parser.parse_args([*(sys.argv[1:] if argv is None else argv), "run"])
     try:

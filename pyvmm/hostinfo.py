@@ -6,11 +6,14 @@ against RLIMIT_MEMLOCK."""
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 import re
 import resource
 import time
 from dataclasses import asdict, dataclass, field
+
+from .kmsg import KmsgRecord, KmsgWatcher  # noqa: F401 (their home is kmsg.py, which pyvmm run imports alone)
 
 # VmFlags worth calling out in a fault report (see Documentation/filesystems/proc.rst).
 NOTABLE_VMFLAGS = {
@@ -26,20 +29,25 @@ NOTABLE_VMFLAGS = {
 }
 
 
-def kernel_cmdline() -> str:
-    try:
-        with open("/proc/cmdline") as f:
-            return f.read()
-    except OSError:
-        return ""
+from .cmdline import kernel_cmdline, kvm_arm_mode  # noqa: E402, F401 (their home: cmdline.py)
 
 
-def kvm_arm_mode() -> str | None:
-    """kvm-arm.mode from the kernel command line (pKVM needs "protected")."""
-    for word in kernel_cmdline().split():
-        if word.startswith("kvm-arm.mode="):
-            return word.split("=", 1)[1]
-    return None
+def page_size() -> int:
+    """The host kernel's page size (4 KiB on x86_64; 4, 16 or 64 KiB on arm64: Debian's -16k kernel, Android's 16K
+    pKVM devices).  KVM takes memslots in these units, and the kernel maps, pins and reclaims guest memory in them."""
+    return mmap.PAGESIZE
+
+
+def pkvm_share_granule(protected_vms: bool) -> int | None:
+    """The unit in which a pKVM protected guest shares memory with the host, or None without protected VMs.
+
+    Linux 7.2, arch/arm64/kvm/hyp/nvhe/pkvm.c, kvm_handle_pvm_hvc64: ARM_SMCCC_VENDOR_HYP_KVM_HYP_MEMINFO_FUNC_ID
+    answers ``val[0] = PAGE_SIZE``, the hypervisor's page size, which is the host kernel's (the nVHE/hVHE
+    hypervisor is built with the kernel); MEM_SHARE/MEM_UNSHARE refuse an IPA that is not PAGE_ALIGNED and share
+    one such page (``__pkvm_guest_share_host(hyp_vcpu, hyp_phys_to_pfn(ipa))``).  So on a 16 KiB-page host every
+    share is 16 KiB, and a protected Linux guest with smaller pages turns sharing off altogether
+    (drivers/virt/coco/pkvm-guest/arm-pkvm-guest.c, pkvm_init_hyp_services: ``if (res.a0 > PAGE_SIZE) return``)."""
+    return page_size() if protected_vms else None
 
 
 def monotonic_us() -> int:
@@ -96,21 +104,15 @@ def cpu_model(cpuinfo: str | None = None, midr_path: str = "/sys/devices/system/
 
 
 def pyvmm_version() -> str:
-    """The installed distribution's version, else pyproject.toml's (a source checkout)."""
+    """The installed distribution's version, else pyvmm.__version__ (a source checkout not installed: the lab)."""
     try:
         from importlib.metadata import PackageNotFoundError, version
 
         return version("pyvmm")
     except (ImportError, PackageNotFoundError):
-        pass
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "pyproject.toml")
-    try:
-        import tomllib
+        from . import __version__
 
-        with open(path, "rb") as f:
-            return tomllib.load(f)["project"]["version"] + " (source tree)"
-    except (OSError, KeyError, ValueError, ImportError):
-        return "unknown"
+        return __version__ + " (source tree)"
 
 
 @dataclass
@@ -122,11 +124,13 @@ class HostIdentity:
     cpu: dict
     pyvmm_version: str
     caps: dict[str, int] = field(default_factory=dict)  # a handful of KVM_CHECK_EXTENSION answers
+    page_size: int = 0  # the host kernel's (page_size()); 0: not recorded
 
     @classmethod
     def read(cls, caps: dict[str, int] | None = None) -> "HostIdentity":
         u = os.uname()
-        return cls(u.release, u.version, u.machine, kvm_arm_mode(), cpu_model(), pyvmm_version(), dict(caps or {}))
+        return cls(u.release, u.version, u.machine, kvm_arm_mode(), cpu_model(), pyvmm_version(), dict(caps or {}),
+                   page_size())
 
     def cpu_text(self) -> str:
         c = self.cpu
@@ -206,41 +210,6 @@ class MemlockInfo:
                    fields.get("VmLck", 0), fields.get("VmPin", 0), bool(cap_eff & (1 << 14)))
 
 
-@dataclass
-class KmsgRecord:
-    """One /dev/kmsg record (Documentation/ABI/testing/dev-kmsg)."""
-
-    seq: int
-    ts_us: int  # the kernel's timestamp in microseconds (local_clock: CLOCK_MONOTONIC, give or take suspend)
-    level: int
-    facility: int
-    text: str
-    caller: str | None = None  # "T<tid>" (a task) or "C<cpu>" (interrupt context), with CONFIG_PRINTK_CALLER
-
-    @classmethod
-    def parse(cls, raw: bytes) -> "KmsgRecord | None":
-        prefix, sep, message = raw.decode(errors="replace").partition(";")
-        if not sep:
-            return None
-        parts = prefix.split(",")
-        try:
-            prio, seq, ts = int(parts[0]), int(parts[1]), int(parts[2])
-        except (IndexError, ValueError):
-            return None
-        caller = next((p[len("caller="):] for p in parts[4:] if p.startswith("caller=")), None)
-        # continuation lines (" KEY=value") are metadata, not text
-        return cls(seq, ts, prio & 7, prio >> 3, message.split("\n", 1)[0], caller)
-
-    @property
-    def caller_tid(self) -> int | None:
-        if self.caller and self.caller.startswith("T") and self.caller[1:].isdigit():
-            return int(self.caller[1:])
-        return None
-
-    def line(self) -> str:
-        return f"[{self.ts_us / 1e6:12.6f}] {self.text}"
-
-
 # Ways a kernel message names a task: "kvm [1234]: ..." (kvm_pr_unimpl and friends), "CPU: 3 PID: 5276 Comm:
 # crosvm_vcpu0" (dump_stack), "pid 42", "pid=42", "Bad page map in process crosvm_vcpu0".
 _PID_PATTERNS = [re.compile(r"\bkvm \[(\d+)\]"), re.compile(r"\bPID: (\d+)"),
@@ -310,69 +279,3 @@ def _read_first_line(path: str) -> str:
             return f.readline().strip()
     except OSError:
         return ""
-
-
-class KmsgWatcher:
-    """Kernel log records printed after the watcher was made (reads /dev/kmsg from its end).
-
-    ``records`` keeps every record with its sequence number and timestamp; ``lost`` counts records
-    the ring buffer overwrote before we read them (EPIPE, or a gap in the sequence numbers).  Where
-    /dev/kmsg cannot be read, ``unavailable`` says why.
-    """
-
-    def __init__(self, path: str = "/dev/kmsg"):
-        self.path = path
-        self.fd = -1
-        self.unavailable: str | None = None
-        self.records: list[KmsgRecord] = []
-        self.lost = 0
-        self._next_seq: int | None = None
-        try:
-            self.fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-            os.lseek(self.fd, 0, os.SEEK_END)
-        except OSError as err:
-            if self.fd >= 0:
-                os.close(self.fd)
-                self.fd = -1
-            hint = " (needs CAP_SYSLOG or kernel.dmesg_restrict=0)" if err.errno in (errno.EPERM, errno.EACCES) else ""
-            self.unavailable = f"cannot read {path}: {err.strerror}{hint}"
-
-    def poll_records(self) -> list[KmsgRecord]:
-        """Collect records printed since the last poll; returns all collected so far."""
-        while self.fd >= 0:
-            try:
-                raw = os.read(self.fd, 8192)
-            except BlockingIOError:
-                break
-            except OSError as err:
-                if err.errno == errno.EPIPE:  # overwritten before we read it; the next read resyncs
-                    self.lost += 1 if self._next_seq is None else 0
-                    continue
-                break
-            if not raw:
-                break
-            self.accept(raw)
-        return list(self.records)
-
-    def accept(self, raw: bytes) -> None:
-        """Keep one raw record; a gap in the sequence numbers counts as lost records."""
-        record = KmsgRecord.parse(raw)
-        if record is None:
-            return
-        if self._next_seq is not None and record.seq > self._next_seq:
-            self.lost += record.seq - self._next_seq
-        self._next_seq = record.seq + 1
-        self.records.append(record)
-
-    def poll(self) -> list[str]:
-        """The records as text lines (compatibility)."""
-        return [r.line() for r in self.poll_records()]
-
-    @property
-    def lines(self) -> list[str]:
-        return [r.line() for r in self.records]
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1

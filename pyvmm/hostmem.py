@@ -30,6 +30,32 @@ MFD_HUGETLB = 0x0004
 MFD_HUGE_2MB = 21 << 26
 F_ADD_SEALS = 1033
 F_SEAL_SHRINK = 0x0002
+# The pool memfd-hugetlb (MFD_HUGE_2MB) takes its pages from.  Not /proc/meminfo's HugePages_* nor vm.nr_hugepages:
+# those are the default huge page size's, which is the PMD size, 2 MiB with 4 KiB pages but 32 MiB on a 16 KiB-page
+# arm64 kernel (where 2 MiB pages are contiguous PTEs, a pool of their own).
+HUGE_PAGE_POOL = f"/sys/kernel/mm/hugepages/hugepages-{HUGE_PAGE_SIZE >> 10}kB"
+HUGE_PAGE_HINT = f"echo N > {HUGE_PAGE_POOL}/nr_hugepages"
+
+
+def huge_pages(counter: str = "free_hugepages") -> int:
+    """A counter of the 2 MiB huge page pool (free_hugepages, resv_hugepages, nr_hugepages); 0 without one."""
+    try:
+        with open(os.path.join(HUGE_PAGE_POOL, counter)) as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 0
+
+
+def reserve_huge_pages(free: int) -> int:
+    """Grow the 2 MiB pool until FREE pages are free (never shrinking it; needs root); returns the free count."""
+    have = huge_pages()
+    if have < free:
+        try:
+            with open(os.path.join(HUGE_PAGE_POOL, "nr_hugepages"), "w") as f:
+                f.write(str(huge_pages("nr_hugepages") + free - have))
+        except OSError:
+            pass
+    return huge_pages()
 
 
 class iovec(ctypes.Structure):
@@ -43,15 +69,23 @@ _libc.process_vm_writev.restype = ctypes.c_ssize_t
 _libc.process_vm_writev.argtypes = _libc.process_vm_readv.argtypes
 
 
-def mmap_fd(fd: int, size: int, offset: int = 0, shared: bool = True, writable: bool = True) -> int:
+MAP_NORESERVE = 0x4000  # Linux's, x86_64 and arm64 alike (Python's mmap module lacks it before 3.13)
+
+
+def mmap_fd(fd: int, size: int, offset: int = 0, shared: bool = True, writable: bool = True,
+            noreserve: bool = False) -> int:
     """Map ``size`` bytes of ``fd`` (or anonymous memory with ``fd == -1``); returns the address.
 
-    Raises OSError with the errno on failure.
+    ``noreserve``: MAP_NORESERVE, no commit charge for the whole size up front (a private writable mapping gets one
+    otherwise, and the kernel's overcommit heuristic refuses one larger than RAM + swap), only for the pages touched.
+    With vm.overcommit_memory=2 the kernel ignores it.  Raises OSError with the errno on failure.
     """
     prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
     flags = mmap.MAP_SHARED if shared else mmap.MAP_PRIVATE
     if fd < 0:
         flags |= mmap.MAP_ANONYMOUS
+    if noreserve:
+        flags |= MAP_NORESERVE
     addr = _libc.mmap(None, size, prot, flags, fd, offset)
     if addr in (None, MAP_FAILED):
         err = ctypes.get_errno()

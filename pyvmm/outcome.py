@@ -7,9 +7,10 @@ Kept apart from the run loop so that architecture code and devices can end a run
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
+from .record import Record
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING (type checkers take it as true), without importing typing at run time
 if TYPE_CHECKING:
     from .report import FaultReport
 
@@ -27,30 +28,44 @@ class ExitKind(enum.Enum):
     FAULT = "fault"  # KVM_RUN failed, or a failure exit; ``report`` explains
 
 
-@dataclass(frozen=True)
-class DeviceFault:
+class DeviceFault(Record):
     """A device request that failed on guest memory the device may not touch (a protected guest's private
     page): what ``Outcome.device_faults`` and the JSON report list.  ``line`` is the log line, whole."""
 
-    device: str  # "virtio-blk@0xb000000"
-    queue: int | None
-    gpa: int
-    write: bool
-    cause: str
-    line: str
+    __slots__ = ("device", "queue", "gpa", "write", "cause", "line")
+    __hash__ = Record.value_hash  # never modified
+
+    def __init__(self, device: str, queue: int | None, gpa: int, write: bool, cause: str, line: str):
+        self.device = device  # "virtio-blk@0xb000000"
+        self.queue = queue
+        self.gpa = gpa
+        self.write = write
+        self.cause = cause
+        self.line = line
 
 
-@dataclass
-class Outcome:
-    kind: ExitKind
-    vcpu: int | None = None
-    status: int | None = None  # GUEST_EXIT status, SYSTEM_EVENT type...
-    detail: str = ""
-    report: "FaultReport | None" = None
-    exits: dict[str, int] = field(default_factory=dict)
-    device_faults: list[DeviceFault] = field(default_factory=list)  # the first ones of the VM's life
-    device_faults_dropped: int = 0  # refusals after the first MAX_DEVICE_FAULTS (counted, not kept)
-    device_memory: dict[str, dict[str, int]] = field(default_factory=dict)  # per device: accesses in/out of shared memory
+class Outcome(Record):
+    __slots__ = ("kind", "vcpu", "status", "detail", "report", "exits", "device_faults", "device_faults_dropped",
+                 "device_memory")
+
+    def __init__(self, kind: ExitKind, vcpu: int | None = None, status: int | None = None, detail: str = "",
+                 report: "FaultReport | None" = None, exits: dict[str, int] | None = None,
+                 device_faults: list[DeviceFault] | None = None, device_faults_dropped: int = 0,
+                 device_memory: dict[str, dict[str, int]] | None = None):
+        self.kind = kind
+        self.vcpu = vcpu
+        self.status = status  # GUEST_EXIT status, SYSTEM_EVENT type...
+        self.detail = detail
+        self.report = report
+        self.exits = {} if exits is None else exits
+        self.device_faults = [] if device_faults is None else device_faults  # the first ones of the VM's life
+        self.device_faults_dropped = device_faults_dropped  # refusals after the first MAX_DEVICE_FAULTS (counted)
+        # per device: accesses in/out of shared memory
+        self.device_memory = {} if device_memory is None else device_memory
+
+    def copy(self) -> "Outcome":
+        """A shallow copy (``dataclasses.replace(outcome)``)."""
+        return Outcome(*self._values())
 
     @property
     def failed(self) -> bool:

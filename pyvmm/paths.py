@@ -42,9 +42,9 @@ def regular_file(path: str, what: str, empty_ok: bool = False) -> os.stat_result
     return st
 
 
-def read_regular(path: str, what: str, limit: int) -> bytes:
-    """The whole of a regular file of at most ``limit`` bytes; anything else is refused before it is opened (and
-    opened O_NONBLOCK, so a file swapped for a FIFO after the check cannot block either)."""
+def open_regular(path: str, what: str, limit: int) -> tuple[int, int]:
+    """A read-only fd on a regular file of at most ``limit`` bytes, and its size; anything else is refused before it
+    is opened (and opened O_NONBLOCK, so a file swapped for a FIFO after the check cannot block either)."""
     st = regular_file(path, what)
     if st.st_size > limit:
         raise ConfigError(f"{what} {path}: {st.st_size} bytes, more than the {limit >> 20} MiB pyvmm loads")
@@ -54,10 +54,22 @@ def read_regular(path: str, what: str, limit: int) -> bytes:
         raise ConfigError(f"{what} {path}: permission denied") from None
     except OSError as err:
         raise ConfigError(f"{what} {path}: {err.strerror}") from None
-    with os.fdopen(fd, "rb") as f:
-        st = os.fstat(f.fileno())
+    try:
+        st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise ConfigError(f"{what} {path}: {file_kind(st.st_mode)}; a regular file is expected")
+        if st.st_size > limit:
+            raise ConfigError(f"{what} {path}: more than the {limit >> 20} MiB pyvmm loads")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st.st_size
+
+
+def read_regular(path: str, what: str, limit: int) -> bytes:
+    """The whole of a regular file of at most ``limit`` bytes (``open_regular``'s checks)."""
+    fd, _ = open_regular(path, what, limit)
+    with os.fdopen(fd, "rb") as f:
         data = f.read(limit + 1)
     if len(data) > limit:
         raise ConfigError(f"{what} {path}: more than the {limit >> 20} MiB pyvmm loads")

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import errno as errno_mod
 import json
-import logging
 import os
 import re
 import threading
@@ -26,8 +25,9 @@ from typing import TYPE_CHECKING
 from . import hostinfo, hostmem
 from .kvm import exits, uapi
 from .kvm.errors import GuestMemoryError
+from .logs import getLogger
 
-log = logging.getLogger("pyvmm.report")
+log = getLogger("pyvmm.report")
 
 if TYPE_CHECKING:
     from .kvm.vcpu import VcpuFd
@@ -132,6 +132,7 @@ class FaultReport:
             cpu = h.get("cpu_text") or "?"
             out.append(f"host: Linux {h.get('kernel_release')} {h.get('machine')}"
                        + (f", kvm-arm.mode={h['kvm_arm_mode']}" if h.get("kvm_arm_mode") else "")
+                       + (f", {h['page_size'] >> 10} KiB pages" if h.get("page_size") else "")
                        + f", CPU {cpu}, pyvmm {h.get('pyvmm_version')}")
         if self.call:
             out.append(f"call: {self.call} -> {self.errno_name} ({self.errno_meaning})")
@@ -574,7 +575,7 @@ def build_report(vm: "Vm", vcpu: "VcpuFd | None", what: str, *, call: str | None
     report.cpu_features = feats.describe() if feats is not None else []
     pool = getattr(vm, "dma_pool", None)
     report.dma_pool = {"gpa": pool.gpa, "size": pool.size} if pool is not None else None
-    report.device_faults = [asdict(f) for f in getattr(vm, "device_faults", [])]
+    report.device_faults = [f.as_dict() for f in getattr(vm, "device_faults", [])]
     console = getattr(vm, "console", None)
     if console is not None:
         report.console_tail = console.text().splitlines()[-CONSOLE_LINES:]
@@ -592,6 +593,6 @@ def _collect_kernel_log(report: FaultReport, vm: "Vm", tids: dict[int, int]) -> 
     kept, dropped = hostinfo.filter_kmsg(records, hostinfo.KmsgFilter.for_this_process(
         tids, _call(vm, "vcpu_all_tids", set())))
     report.kernel_log = [r.line() for r in kept]
-    report.kernel_log_records = [asdict(r) for r in kept]
+    report.kernel_log_records = [r.as_dict() for r in kept]
     report.kernel_log_dropped = dropped
     report.kernel_log_lost = getattr(kmsg, "lost", 0)

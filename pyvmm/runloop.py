@@ -32,25 +32,38 @@ returns are ignored (we are stopping already).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import errno
-import logging
 import signal
 import threading
 import time
 import weakref
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
 
 from .kvm import exits, uapi
 from .kvm.errors import KvmError
 from .outcome import ExitKind, Outcome
-from .report import add_missing_vcpus, build_report
 from .vcpu import PROCESS_SIGNALS, Vcpu, VcpuState
+from .logs import getLogger
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING (type checkers take it as true), without importing typing at run time
 if TYPE_CHECKING:
     from .vm import Vm
 
-log = logging.getLogger("pyvmm.run")
+log = getLogger("pyvmm.run")
+
+
+def build_report(vm: "Vm", vcpu, what: str, **report_args):
+    """report.build_report: the fault report module is imported by a run that has a fault to report."""
+    from .report import build_report
+
+    return build_report(vm, vcpu, what, **report_args)
+
+
+def add_missing_vcpus(report, vm: "Vm") -> None:
+    from .report import add_missing_vcpus
+
+    add_missing_vcpus(report, vm)
+
 
 KVM_ENOSYS = 1000  # include/uapi/linux/kvm_para.h
 JOIN_LIMIT = 5.0  # seconds a vCPU thread gets to leave KVM_RUN after the VM ended
@@ -124,7 +137,7 @@ class RunLoop:
         self._outcome: Outcome | None = None
         self._lock = threading.Lock()
         self._done = threading.Event()
-        self._stopping = threading.Event()
+        self._stopping = False  # the run is ending: vCPU threads leave their loop (a plain flag: read once per exit)
         self.signal_stop = SignalStop()
         if _stop_from_now is not None:
             self.signal_stop.request(_stop_from_now)
@@ -147,7 +160,7 @@ class RunLoop:
         with self._lock:
             if self._outcome is None:
                 self._outcome = outcome
-        self._stopping.set()
+        self._stopping = True
         self._console_stopping(True)
         for vcpu in self.vcpus:
             vcpu.kick()
@@ -195,7 +208,7 @@ class RunLoop:
 
     def _result(self) -> Outcome:
         stuck = self._join_all()
-        outcome = dataclasses.replace(self._outcome)  # ours to annotate: the caller of request_stop keeps its own
+        outcome = self._outcome.copy()  # ours to annotate: the caller of request_stop keeps its own
         if stuck:
             outcome.detail += (f"; vCPU {', '.join(map(str, stuck))} did not leave KVM_RUN within {JOIN_LIMIT:.0f} s "
                                "(its thread is abandoned)")
@@ -254,10 +267,10 @@ class RunLoop:
 
     def _dispatch(self, vcpu: Vcpu) -> None:
         handlers = self._handlers
-        stopping = self._stopping
-        while not stopping.is_set():
+        run_once = vcpu.run_once
+        while not self._stopping:
             try:
-                exit = vcpu.run_once()
+                exit = run_once()
             except KvmError as err:
                 if err.errno == errno.EAGAIN:
                     continue
@@ -284,7 +297,7 @@ class RunLoop:
             claimed = self._outcome is None
             if claimed:
                 self._outcome = outcome
-        self._stopping.set()
+        self._stopping = True
         self._console_stopping(True)
         for other in self.vcpus:
             if other is not vcpu:
@@ -296,16 +309,22 @@ class RunLoop:
     # --- exits ------------------------------------------------------------------------------
     def _io(self, vcpu: Vcpu, exit: exits.Io) -> bool:
         bus, port, size, data = self.vm.io_bus, exit.port, exit.size, exit.data
+        if exit.count == 1:  # nearly every IN and OUT (the bus copies what it hands a device)
+            if exit.is_write:
+                bus.write(port, data)
+            else:
+                data[:] = bus.read(port, size)
+            return False
         for start in range(0, size * exit.count, size):  # string I/O (rep ins/outs) carries count items
             if exit.is_write:
-                bus.write(port, bytes(data[start:start + size]))
+                bus.write(port, data[start:start + size])
             else:
                 data[start:start + size] = bus.read(port, size)
         return False
 
     def _mmio(self, vcpu: Vcpu, exit: exits.Mmio) -> bool:
         vm, addr = self.vm, exit.addr
-        region = vm.memory.find(addr)
+        region = vm.memory.find(addr)  # None for a device's address: the usual case costs one bisect
         if region is not None:
             if not region.flags & uapi.KVM_MEM_READONLY:
                 self._mmio_in_slot(vcpu, exit, region)
@@ -317,7 +336,7 @@ class RunLoop:
                     exit.data[:] = vm.memory.read(addr, len(exit.data))
                 return False
         if exit.is_write:
-            vm.mmio_bus.write(addr, bytes(exit.data))
+            vm.mmio_bus.write(addr, exit.data)
         else:
             exit.data[:] = vm.mmio_bus.read(addr, len(exit.data))
         return False

@@ -54,6 +54,9 @@ def open_tap(name: str | None = None) -> tuple[int, str]:
 
 
 def _link_up(ifname: str) -> None:
+    from . import logs
+
+    logs.load()  # pyroute2 logs: -v's level and pyvmm's format must be in place before it makes its loggers
     from pyroute2 import IPRoute
 
     with IPRoute() as ipr:

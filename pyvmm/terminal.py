@@ -8,18 +8,18 @@ terminal (a pipe, a file) it is forwarded as it is until end of file.
 
 from __future__ import annotations
 
-import logging
 import os
 import select
 import signal
 import termios
 import threading
 import tty
-from typing import Callable
+from collections.abc import Callable
 
 from .vcpu import PROCESS_SIGNALS
+from .logs import getLogger
 
-log = logging.getLogger("pyvmm.terminal")
+log = getLogger("pyvmm.terminal")
 
 
 def discard_output(stream) -> None:

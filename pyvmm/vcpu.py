@@ -21,10 +21,11 @@ nothing, process-wide (``ensure_kick_is_harmless``; pyvmm's command always makes
 
 from __future__ import annotations
 
+import collections
 import enum
 import signal
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 from .kvm import exits
 from .kvm.ioctl import libc
@@ -36,6 +37,7 @@ PROCESS_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signa
 BLOCKED_IN_VCPU_THREADS = PROCESS_SIGNALS | {KICK_SIGNAL}
 
 PR_SET_NAME = 15
+_EXIT_INTR = exits.Intr.reason  # what ``Intr.code`` is: KVM_RUN's EINTR and KVM_EXIT_INTR
 
 
 def _kick_elsewhere(signum, frame) -> None:
@@ -72,7 +74,8 @@ class Vcpu:
         self.fd = fd
         self.index = fd.vcpu_id
         self.state = VcpuState.IDLE
-        self.exit_counts: dict[int, int] = {}  # exit reason -> count, this run; written by this vCPU's thread only
+        # exit reason -> count, this run; written by this vCPU's thread only
+        self.exit_counts: dict[int, int] = collections.defaultdict(int)
         self.tid: int | None = None  # the thread's kernel task id, while it runs
         self.tids: set[int] = set()  # every task id this vCPU's threads have had (kernel-log attribution)
         self.thread_name = f"pyvmm-vcpu{self.index}"
@@ -88,7 +91,7 @@ class Vcpu:
         Any exception on that thread (its set-up included) goes to ``on_error`` on that thread."""
         if self.alive:
             raise RuntimeError(f"vCPU {self.index} is still running (a previous run could not stop it)")
-        self.exit_counts = {}
+        self.exit_counts = collections.defaultdict(int)
         self.fd.set_immediate_exit(False)
         self._finished.clear()  # before the thread exists: a join can never miss a thread that is starting
         self._thread = threading.Thread(target=self._main, args=(body, on_error), name=f"vcpu{self.index}",
@@ -134,10 +137,9 @@ class Vcpu:
     def run_once(self) -> exits.VcpuExit:
         """One KVM_RUN (on this vCPU's thread).  Counts the exit; consumes a kick that ended it."""
         exit = self.fd.run()
-        reason = exit.code
-        counts = self.exit_counts
-        counts[reason] = counts.get(reason, 0) + 1
-        if isinstance(exit, exits.Intr):
+        reason = exit.reason  # the exit class's KVM_EXIT_*: a class attribute, no call (-1 for Other: its own code)
+        self.exit_counts[reason if reason >= 0 else exit.code] += 1
+        if reason == _EXIT_INTR:
             while signal.sigtimedwait([KICK_SIGNAL], 0) is not None:
                 pass
         return exit

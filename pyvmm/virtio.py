@@ -21,7 +21,6 @@ cause and recorded in the run's outcome (``Outcome.device_faults``).
 
 from __future__ import annotations
 
-import logging
 import os
 import select
 import signal
@@ -41,11 +40,12 @@ from .kvm.fd import close_all
 from .memory.regions import pages
 from .outcome import DeviceFault
 from .vcpu import PROCESS_SIGNALS
+from .logs import getLogger
 
 if TYPE_CHECKING:
     from .vm import Vm
 
-log = logging.getLogger("pyvmm.virtio")
+log = getLogger("pyvmm.virtio")
 THREAD_JOIN = 5.0  # seconds a device thread gets to stop when the VM closes
 
 

@@ -15,13 +15,12 @@ import select
 import signal
 import stat
 import sys
-import logging
 import threading
-from typing import Callable
+from collections.abc import Callable
 
-from .arch import Arch, host_arch
+from .arch import host_arch
 from .bus import Bus
-from .hostinfo import KmsgWatcher
+from .kmsg import KmsgWatcher
 from .kvm import Kvm
 from .kvm.errors import ConfigError, PyvmmError
 from .kvm.vcpu import VcpuFd
@@ -32,13 +31,19 @@ from .outcome import DeviceFault, ExitKind, Outcome
 from .runloop import JOIN_LIMIT, RunLoop
 from .terminal import discard_output
 from .vcpu import KICK_SIGNAL, Vcpu
-from .virtio import DMA_POOL_ALIGN, MAX_DEVICE_FAULTS, DmaPool, VirtioMmio
-from .tap import open_tap, random_mac
-from pyvmm.devices.virtio import VirtioBlock, VirtioConsole, VirtioDevice, VirtioRng
-from pyvmm.devices.virtio.net import VirtioNet, parse_mac
+from .logs import getLogger
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING (type checkers take it as true), without importing typing at run time
+# The virtio machinery (pyvmm/virtio.py, pyvmm/devices/virtio, tap.py) is imported by the methods that add a
+# device: a VM without one (the firmware guests, most tests) never loads it.
+if TYPE_CHECKING:
+    from pyvmm.devices.virtio import VirtioDevice
+
+    from .arch import Arch
+    from .virtio import DmaPool, VirtioMmio
 
 
-log = logging.getLogger("pyvmm.console")
+log = getLogger("pyvmm.console")
 MAX_TIMEOUT = 366 * 86400.0  # a year: beyond it a deadline overflows the clocks pyvmm waits on
 
 
@@ -221,6 +226,8 @@ class Vm:
             raise ConfigError(f"DMA pool size {size}: must not be negative (0 for none)")
         if size and not self.arch.dma_pool_supported:
             raise ConfigError(f"a DMA pool (--dma-pool) is a device-tree restricted-dma-pool: arm64 only, not {self.arch.name}")
+        from .virtio import DMA_POOL_ALIGN
+
         if size % DMA_POOL_ALIGN:
             raise ConfigError(f"DMA pool size {size:#x}: must be a multiple of {DMA_POOL_ALIGN >> 10} KiB "
                               "(the largest arm64 granule), or 0 for none")
@@ -229,6 +236,8 @@ class Vm:
     def record_device_fault(self, fault: DeviceFault) -> None:
         """A device's refused access to guest memory (from any device or vCPU thread): the first
         MAX_DEVICE_FAULTS are kept, later ones counted in ``device_faults_dropped``."""
+        from .virtio import MAX_DEVICE_FAULTS
+
         with self._device_faults_lock:
             if len(self.device_faults) < MAX_DEVICE_FAULTS:
                 self.device_faults.append(fault)
@@ -278,6 +287,8 @@ class Vm:
 
         ``ioeventfd=False`` handles QueueNotify on the vCPU's exit path instead of a device thread;
         ``irqfd=False`` raises the interrupt with KVM_IRQ_LINE instead of an eventfd (for comparison)."""
+        from .virtio import VirtioMmio
+
         try:
             if self.booted:
                 raise ConfigError("add virtio devices before boot(): the guest learns of them from the device tree")
@@ -300,6 +311,8 @@ class Vm:
             raise ConfigError(f"disk {path}: not a regular file (a raw disk image is expected)")
         if st.st_size < 512:
             raise ConfigError(f"disk {path}: {st.st_size} bytes; a disk needs at least one 512-byte sector")
+        from pyvmm.devices.virtio import VirtioBlock
+
         try:
             device = VirtioBlock(path, readonly=readonly)
         except PermissionError:
@@ -308,15 +321,23 @@ class Vm:
 
     def add_virtio_rng(self) -> VirtioMmio:
         """A virtio-rng device: bytes from the host's getrandom()."""
+        from pyvmm.devices.virtio import VirtioRng
+
         return self.add_virtio(VirtioRng())
 
     def add_virtio_console(self) -> VirtioMmio:
         """A virtio console (the guest's hvc0) printing into ``vm.console``; ``feed()`` its device for input."""
+        from pyvmm.devices.virtio import VirtioConsole
+
         return self.add_virtio(VirtioConsole(self.console.write))
 
     def add_virtio_net(self, tap: str | None = None, mac: str | bytes | None = None) -> VirtioMmio:
         """A virtio-net device on the TAP ``tap`` (attached if it exists, else created and gone with the VM),
         with ``mac`` ("52:54:00:12:34:56"; random locally administered by default).  Needs CAP_NET_ADMIN."""
+        from pyvmm.devices.virtio.net import VirtioNet, parse_mac
+
+        from .tap import open_tap, random_mac
+
         if isinstance(mac, str):
             try:
                 mac = parse_mac(mac)
@@ -375,10 +396,15 @@ class Vm:
             self.memory.has_run = True
             self._runloop = RunLoop(self, self._runners)
             try:
-                return self._runloop.run(timeout)
+                outcome = self._runloop.run(timeout)
             finally:
                 self._last_counts = self._runloop.exit_counts()
                 self._runloop = None
+            if outcome.kind is ExitKind.TIMEOUT and self.protected:
+                from .arch.arm64.pkvm import timeout_hint
+
+                outcome.detail += timeout_hint()
+            return outcome
         finally:
             self._idle.set()
             self._run_lock.release()

@@ -9,7 +9,7 @@ import pytest
 
 from pyvmm.outcome import ExitKind
 from pyvmm.vm import Vm
-from tests.arm64 import require_arm64_kvm, require_pkvm
+from tests.arm64 import require_arm64_kvm, require_pkvm, require_protected_linux
 
 IMAGE = "/opt/lab/Image"
 INITRD = "/opt/lab/guest-initrd.cpio"
@@ -23,6 +23,7 @@ def test_debian_kernel_boots_to_userspace(kind):
         pytest.skip(f"{IMAGE} and {INITRD} are made by the lab (scripts/lab test)")
     if kind == "protected":
         require_pkvm()
+        require_protected_linux()
     with Vm(protected=kind == "protected") as vm:
         vm.add_memory(256 << 20)
         vm.create_vcpus(1)

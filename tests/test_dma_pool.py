@@ -80,6 +80,19 @@ def test_cause_names_the_most_specific_reason():
     assert "has not negotiated" in pkvm.device_access_cause(POOL, None)
 
 
+@pytest.mark.parametrize("page", [0x1000, 0x4000])
+def test_cause_on_a_host_with_larger_pages(monkeypatch, page):
+    """A protected Linux guest with pages smaller than pKVM's granule (HYP_MEMINFO: the host's page size) shares
+    nothing (pkvm_init_hyp_services): on a 16 KiB-page host the cause says so; with 4 KiB pages it cannot happen."""
+    monkeypatch.setattr(pkvm.hostmem, "PAGE_SIZE", page)
+    kernel = pkvm.device_access_cause(POOL, True)
+    granule = "pages are smaller than pKVM's sharing granule (16 KiB here: HYP_MEMINFO answers the host's page size"
+    assert (granule in kernel) == (page == 0x4000), kernel
+    assert "CONFIG_ARM_PKVM_GUEST" in kernel
+    hint = pkvm.timeout_hint()  # and a protected guest's timeout names pKVM's endless fault retry there
+    assert hint == "" if page == 0x1000 else "pkvm_mem_abort maps the fault IPA unaligned" in hint
+
+
 # --- sizes and hosts --------------------------------------------------------------------------
 def test_pool_is_arm64_only_and_a_multiple_of_64k(kvm_device):
     from pyvmm.vm import Vm

@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pyvmm import hostmem
 from pyvmm.arch.arm64 import Arm64
 from pyvmm.arch.arm64 import layout as arm64_layout
 from pyvmm.arch.x86_64 import X86_64, linux
@@ -21,7 +22,8 @@ from pyvmm.outcome import ExitKind
 from tests.conftest import run_cli
 from tests.expected import MMIO_GUEST_LOG
 
-PAGE = 0x1000
+PAGE = hostmem.PAGE_SIZE  # the host's: memslots come in its units (16 KiB on a 16K-page arm64 host)
+X86_PAGE = 0x1000  # an x86 guest's page
 GIB = 1 << 30
 HOLE = (x86_layout.MMIO_HOLE_START, x86_layout.MMIO_HOLE_END)
 X86_WINDOWS = X86_64().device_windows(None)  # neither arch's windows depend on the VM
@@ -48,8 +50,8 @@ def overlapping(start: int, end: int) -> dict[str, tuple[int, int]]:
 # --- the windows themselves ----------------------------------------------------------------------------
 def test_x86_devices_lie_in_the_mmio_hole():
     assert X86_WINDOWS == [(*HOLE, x86_layout.MMIO_HOLE_NAME)]
-    devices = [(x86_layout.TEST_DEVICE_MMIO, 0x1000), (x86_layout.IDENTITY_MAP_ADDR, PAGE),
-               (x86_layout.TSS_ADDR, 3 * PAGE),  # KVM_SET_TSS_ADDR takes three pages
+    devices = [(x86_layout.TEST_DEVICE_MMIO, 0x1000), (x86_layout.IDENTITY_MAP_ADDR, X86_PAGE),
+               (x86_layout.TSS_ADDR, 3 * X86_PAGE),  # KVM_SET_TSS_ADDR takes three pages
                (x86_layout.VIRTIO_BASE, x86_layout.VIRTIO_MAX * x86_layout.VIRTIO_STRIDE)]
     for gpa, size in devices:
         assert HOLE[0] <= gpa and gpa + size <= HOLE[1], hex(gpa)

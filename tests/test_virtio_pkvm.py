@@ -23,8 +23,9 @@ import sys
 
 import pytest
 
+from pyvmm import hostmem
 from pyvmm.outcome import ExitKind
-from tests.arm64 import guest, require_arm64_kvm, require_pkvm
+from tests.arm64 import guest, require_arm64_kvm, require_pkvm, require_protected_linux
 from tests.linux_guest import CMDLINE, IMAGE, MARK, initrd_with_script, lines, marked, require_virtio_linux
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -79,6 +80,7 @@ def test_pkvm_guest_kernel_runs_every_device(tmp_path, kind):
     require_pkvm_guest_kernel()
     if kind == "protected":
         require_pkvm()
+        require_protected_linux()
     if not hasattr(os, "unshare"):
         pytest.skip("os.unshare needs Python 3.12 or later (the lab has 3.13)")
     disk_a = random_file(tmp_path / "a.img", DISK_A)
@@ -129,6 +131,7 @@ def test_debian_kernel_as_protected_guest_gets_a_clear_refusal(tmp_path):
     none of them; the disk never answers; the output names device, queue, GPA and the likely cause."""
     require_virtio_linux()
     require_pkvm()
+    require_protected_linux()
     random_file(tmp_path / "a.img", 1 << 20)
     script = 'echo "pyvmm-test: script reached"\npoweroff -f\n'
     initrd = initrd_with_script(str(tmp_path), script)
@@ -144,7 +147,7 @@ def test_debian_kernel_as_protected_guest_gets_a_clear_refusal(tmp_path):
     first = faults[0]
     assert first["device"] == "virtio-blk@0xb000000" and first["queue"] == 0, first
     assert "CONFIG_ARM_PKVM_GUEST" in first["cause"] and "CONFIG_DMA_RESTRICTED_POOL" in first["cause"]
-    page = first["gpa"] & ~0xFFF
+    page = first["gpa"] - first["gpa"] % hostmem.PAGE_SIZE  # pyvmm names the host page
     assert f"guest page {page:#x} is private to the protected guest" in first["line"], first["line"]
     assert "virtio-blk queue 0" in first["line"]
     pool = re.search(r"outside the DMA pool \[(0x[0-9a-f]+), (0x[0-9a-f]+)\)", first["line"])
@@ -177,7 +180,10 @@ def test_firmware_shares_its_queues_and_does_io(tmp_path):
     require_pkvm()
     outcome, console, disk, vm = _run_firmware(tmp_path, "virtio-pkvm")
     assert outcome.kind is ExitKind.GUEST_EXIT and outcome.status == 0, (outcome.detail, console)
-    assert "virtio-pkvm: shared 3 pages (granule 0x00001000)" in console, console
+    # the granule HYP_MEMINFO gave the guest is the host's page size (16 KiB on scripts/lab --pages 16k): the
+    # guest shares its 0x3000-byte region in as many granules as cover it
+    granule = hostmem.PAGE_SIZE
+    assert f"virtio-pkvm: shared {-(-0x3000 // granule)} pages (granule {granule:#010x})" in console, console
     assert console.count("features hi=0x00000003") == 2  # VERSION_1 and ACCESS_PLATFORM, offered by both
     assert "hello from a protected guest\n" in console
     assert f"virtio-pkvm: blk status 00 sector0 {disk[:16].hex()}" in console, console

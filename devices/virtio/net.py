@@ -10,7 +10,6 @@ the guest has no receive buffer posted, and the fd queues the rest.
 
 from __future__ import annotations
 
-import logging
 import os
 import select
 import signal
@@ -19,8 +18,9 @@ import threading
 
 from .device import DEFAULT_QUEUE_SIZE, DeviceId, VirtioDevice
 from .queue import AccessError, Fault, Virtqueue, gather, scatter
+from pyvmm.logs import getLogger
 
-log = logging.getLogger("pyvmm.virtio")
+log = getLogger("pyvmm.virtio")
 
 VIRTIO_NET_F_MAC = 5
 VIRTIO_NET_F_STATUS = 16

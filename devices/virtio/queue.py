@@ -14,15 +14,15 @@ than the queue size) raises ``QueueError``: the transport then sets DEVICE_NEEDS
 
 from __future__ import annotations
 
-import logging
 import struct
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Protocol, Sequence
 
 from pyvmm.kvm.errors import GuestMemoryError
+from pyvmm.logs import getLogger
 
-log = logging.getLogger("pyvmm.virtio")
+log = getLogger("pyvmm.virtio")
 
 VIRTQ_DESC_F_NEXT = 1
 VIRTQ_DESC_F_WRITE = 2
@@ -150,7 +150,7 @@ class RateLimitedLog:
     """Warnings where an identical line is repeated only at counts 2, 4, 8, ..., and no more than
     ``burst`` lines a second are written at all (the rest are counted, then summarised)."""
 
-    def __init__(self, logger: logging.Logger = log, burst: int = 20):
+    def __init__(self, logger: "logging.Logger" = log, burst: int = 20):
         self.logger = logger
         self.burst = burst
         self.seen: dict[str, int] = {}

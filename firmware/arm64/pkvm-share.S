@@ -1,6 +1,9 @@
 /* pkvm-share: the pKVM guest hypercalls, and what the host may read afterwards.
  *   FEATURES (0x86000000), HYP_MEMINFO (0xc6000002), MEM_SHARE (0xc6000003) of page A;
- *   page B is written but not shared.  The guest hands both IPAs to the host in the test device's
+ *   page B is written but not shared.  A page is the granule HYP_MEMINFO answered (pKVM's PAGE_SIZE, the
+ *   host's: 4 KiB, or 16 KiB on a 16K-page host), so B lies one granule after A and sharing A leaves B
+ *   private; without a usable granule (a normal VM: NOT_SUPPORTED) B is 4 KiB after A.
+ *   The guest hands both IPAs to the host in the test device's
  *   scratch area (0x100: A, 0x108: B) and writes 0x51 to the exit register: the host now reads A
  *   (shared) and is refused B (the guest's).  When resumed, the guest checks B still holds its value,
  *   unshares A (MEM_UNSHARE, 0xc6000004), prints a summary and exits with 0 (B intact) or 2 (B lost).
@@ -14,12 +17,7 @@
 _start:
 	ldr	x0, =STACK_TOP
 	mov	sp, x0
-	add	x22, x1, #0x300000	/* page A */
-	add	x23, x22, #0x1000	/* page B */
-	ldr	x25, =0x5348415245442d41	/* "A-DERAHS": A's value */
-	ldr	x26, =0x505249564154452d	/* "-ETAVIRP": B's value */
-	str	x25, [x22]
-	str	x26, [x23]
+	mov	x28, x1			/* RAM base (the hypercalls clobber x0-x3) */
 	ldr	x0, =FEATURES
 	hvc	#0
 	mov	x20, x0
@@ -29,6 +27,20 @@ _start:
 	mov	x3, #0
 	hvc	#0
 	mov	x21, x0
+	mov	x9, #0x1000		/* the granule: MEMINFO's answer if a power of two in [4 KiB, 64 KiB] */
+	cmp	x21, x9
+	b.lt	1f			/* also an error (negative) */
+	cmp	x21, #0x10000
+	b.hi	1f
+	sub	x10, x21, #1
+	tst	x21, x10
+	csel	x9, x21, x9, eq
+1:	add	x22, x28, #0x300000	/* page A (64 KiB-aligned: a granule's start) */
+	add	x23, x22, x9		/* page B, the next granule */
+	ldr	x25, =0x5348415245442d41	/* "A-DERAHS": A's value */
+	ldr	x26, =0x505249564154452d	/* "-ETAVIRP": B's value */
+	str	x25, [x22]
+	str	x26, [x23]
 	ldr	x0, =MEM_SHARE
 	mov	x1, x22
 	mov	x2, #0

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-import platform
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+import os
 
 from ..kvm.errors import ConfigError
+from ..record import Record
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING (type checkers take it as true), without importing typing at run time
 if TYPE_CHECKING:
+    from typing import Protocol
+
     from ..kvm.system import Kvm
     from ..kvm.vcpu import VcpuFd
     from ..outcome import ExitKind
@@ -17,15 +19,19 @@ if TYPE_CHECKING:
     from ..report import SlotInfo
     from ..virtio import VirtioSlot
     from ..vm import Vm
+else:
+    Protocol = object  # a plain base at run time: typing is not imported (pyvmm run's start-up)
 
 
-@dataclass
-class RegisterDump:
+class RegisterDump(Record):
     """A vCPU's registers for a fault report (``Arch.registers``)."""
 
-    values: dict[str, int]  # name -> value, display order
-    refused: dict[str, str]  # name -> why KVM refused it (errno name and meaning; "hidden by pKVM" on a protected VM)
-    events: dict[str, int] | None = None  # x86 KVM_GET_VCPU_EVENTS: pending/injected exception, nmi, interrupt...
+    __slots__ = ("values", "refused", "events")
+
+    def __init__(self, values: dict[str, int], refused: dict[str, str], events: dict[str, int] | None = None):
+        self.values = values  # name -> value, display order
+        self.refused = refused  # name -> why KVM refused it (errno name and meaning; "hidden by pKVM" on a protected VM)
+        self.events = events  # x86 KVM_GET_VCPU_EVENTS: pending/injected exception, nmi, interrupt...
 
 
 class Arch(Protocol):
@@ -83,7 +89,7 @@ class Arch(Protocol):
 
 
 def machine_name() -> str:
-    m = platform.machine()
+    m = os.uname().machine  # what platform.machine() answers on Linux, without importing platform
     return {"amd64": "x86_64", "aarch64": "arm64"}.get(m.lower(), m)
 
 

@@ -10,14 +10,21 @@ releases the GIL for the duration of the call (vCPU threads block in
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 
 from .errors import KvmError
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+# The C library already loaded into this process (dlopen(NULL)): Linux only, and no ctypes.util.find_library,
+# which runs ldconfig -p (or gcc) at every start.
+_libc = ctypes.CDLL(None, use_errno=True)
 _ioctl = _libc.ioctl
 _ioctl.restype = ctypes.c_int
 _ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
+
+# The same libc ioctl without argtypes, for the one call made once per guest exit (KVM_RUN: VcpuFd.run): argtypes'
+# conversions cost a third of the call.  Python ints then go as C ints, which libffi widens to the register with
+# their sign: right for a request below 2**31 (KVM_RUN is 0xae80) and an argument of 0, not for ioctl() in general.
+_ioctl_ints = _libc["ioctl"]  # a function object of its own (``_libc.ioctl`` is ``_ioctl``, argtypes and all)
+_ioctl_ints.restype = ctypes.c_int
 
 
 def ioctl(fd: int, name: str, request: int, arg: int | ctypes.Structure | ctypes.Array | None = None) -> int:

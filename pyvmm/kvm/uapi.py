@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import platform
+import os
 from types import ModuleType
 
 from ioctl_opt import IO, IOR, IOW, IOWR
@@ -214,7 +214,7 @@ KVM_MEMORY_EXIT_FLAG_PRIVATE = 1 << 3
 
 ARCHES = {"x86_64": uapi_x86, "arm64": uapi_arm64}
 # The host's arch module: the plain names below (kvm_run, KVM_GET_REGS...) are its.
-HOST_ARCH = uapi_arm64 if platform.machine().lower() in ("aarch64", "arm64") else uapi_x86
+HOST_ARCH = uapi_arm64 if os.uname().machine.lower() in ("aarch64", "arm64") else uapi_x86  # platform.machine()
 kvm_debug_exit_arch = HOST_ARCH.kvm_debug_exit_arch
 
 

@@ -11,11 +11,12 @@ from . import exits, uapi, uapi_x86
 from .device import AttrMixin
 from .errors import KvmError
 from .fd import OwnedFd
-from .ioctl import _ioctl, ioctl
+from .ioctl import _ioctl_ints, ioctl
 
 # Python >= 3.13 can map without keeping its own dup of the vCPU fd (which would outlive close()).
 _NO_DUP = {"trackfd": False} if sys.version_info >= (3, 13) else {}
 KERNEL_SIGSET_BYTES = 8  # the kernel's sigset_t (_NSIG = 64) on x86_64 and arm64
+_KVM_RUN = uapi.KVM_RUN
 
 
 class VcpuFd(AttrMixin, OwnedFd):
@@ -27,6 +28,7 @@ class VcpuFd(AttrMixin, OwnedFd):
         self.vcpu_id = vcpu_id
         self._map = None
         self._view = None
+        self._seen: dict = {}  # exits.decode()'s exits seen before (their data views are slices of _view)
         try:
             self._map = mmap.mmap(fd, mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, **_NO_DUP)
             self._run = uapi.kvm_run.from_buffer(self._map)
@@ -42,6 +44,7 @@ class VcpuFd(AttrMixin, OwnedFd):
 
     def close(self) -> None:
         self._run = None  # drop the exported buffers before unmapping
+        self._seen.clear()
         if self._view is not None:
             self._view.release()
             self._view = None
@@ -57,14 +60,16 @@ class VcpuFd(AttrMixin, OwnedFd):
     def run(self) -> exits.VcpuExit:
         """One KVM_RUN, decoded.  EINTR (a signal or ``immediate_exit``) is the ``Intr`` exit;
         any other failure raises KvmError, whose ``exit`` is the ``MemoryFault`` KVM described, if any."""
-        if _ioctl(self._fd, uapi.KVM_RUN, None) < 0:
-            err = ctypes.get_errno()
-            if err == errno.EINTR:
-                return exits.Intr()
-            error = KvmError("KVM_RUN", err)
-            error.exit = exits.memory_fault_after_error(self._run, err)
-            raise error
-        return exits.decode(self._run, self._view)
+        if _ioctl_ints(self._fd, _KVM_RUN, 0) < 0:  # once per exit: ioctl()'s conversions left out (ioctl.py)
+            return self._run_failed(ctypes.get_errno())
+        return exits.decode(self._run, self._view, self._seen)
+
+    def _run_failed(self, err: int) -> exits.VcpuExit:
+        if err == errno.EINTR:
+            return exits.INTR
+        error = KvmError("KVM_RUN", err)
+        error.exit = exits.memory_fault_after_error(self._run, err)
+        raise error
 
     def set_immediate_exit(self, value: bool) -> None:
         run = self._run  # once: close() may clear it from another thread

@@ -15,14 +15,13 @@ import errno
 import fcntl
 import os
 import stat
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
 
 from .. import hostmem
 from ..kvm import uapi
 from ..kvm.errors import ConfigError, MissingFeature
 from ..kvm.fd import close_all
 from ..paths import file_kind
+from ..record import Record
 from ..kvm.ioctl import ioctl
 from ..kvm.uapi_dmabuf import (
     DMA_BUF_IOCTL_SYNC,
@@ -38,7 +37,10 @@ from ..kvm.uapi_dmabuf import (
     udmabuf_create,
 )
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING (type checkers take it as true), without importing typing at run time
 if TYPE_CHECKING:
+    from typing import ClassVar
+
     from ..kvm.vm import VmFd
 
 UDMABUF_DEVICE = "/dev/udmabuf"
@@ -133,13 +135,19 @@ class Backing:
 
 
 class AnonBacking(Backing):
-    """Private anonymous memory (MAP_PRIVATE|MAP_ANONYMOUS): the default."""
+    """Private anonymous memory (MAP_PRIVATE|MAP_ANONYMOUS|MAP_NORESERVE): the default.
+
+    MAP_NORESERVE, as other VMMs map guest RAM: only the pages the guest touches are charged, so a sparse guest
+    larger than the host's RAM + swap works (the overcommit heuristic refuses such a mapping otherwise).  The shared
+    backings need nothing of the kind: a memfd is made without a reservation (shmem's VM_NORESERVE) and a shared
+    mapping is not charged; memfd-hugetlb keeps its reservation on purpose, so that too few huge pages fail at mmap
+    and not with SIGBUS when the guest first touches one."""
 
     kind = BackingKind.ANON
     shared_mapping = False
 
     def _create(self) -> None:
-        self._map(-1, shared=False)
+        self._map(-1, shared=False, noreserve=True)
 
 
 def _memfd(name: str, size: int, flags: int) -> int:
@@ -181,26 +189,15 @@ class MemfdBacking(Backing):
             self._map(self.memfd)
         except ConfigError:
             if hugetlb:
-                free = _huge_pages_free()
+                free = hostmem.huge_pages()
                 raise MissingFeature(
                     f"memfd-hugetlb: cannot map {size // hostmem.HUGE_PAGE_SIZE} huge page(s) of 2 MiB: "
-                    f"HugePages_Free={free} in /proc/meminfo (reserve them: echo N > /proc/sys/vm/nr_hugepages)"
+                    f"{free} free in {hostmem.HUGE_PAGE_POOL} (reserve them: {hostmem.HUGE_PAGE_HINT})"
                 ) from None
             raise
 
     def details(self) -> dict:
         return {**super().details(), "memfd": self.memfd}
-
-
-def _huge_pages_free() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("HugePages_Free:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
 
 
 class GuestMemfdBacking(Backing):
@@ -228,7 +225,8 @@ class GuestMemfdBacking(Backing):
         self.guest_memfd = self._own(vm.create_guest_memfd(size, self.gmem_flags))
         self.mmapped = bool(self.gmem_flags)
         self.shared_mapping = self.mmapped
-        self._map(self.guest_memfd if self.mmapped else -1, shared=self.mmapped)
+        # without an mmap-able guest_memfd, the shared accesses go to anonymous memory: reserved as AnonBacking's
+        self._map(self.guest_memfd if self.mmapped else -1, shared=self.mmapped, noreserve=not self.mmapped)
 
     def details(self) -> dict:
         return {**super().details(), "guest_memfd": self.guest_memfd, "gmem_flags": self.gmem_flags,
@@ -477,12 +475,15 @@ def mount_fstype(path: str, mounts_file: str = "/proc/self/mounts") -> str | Non
     return best[1] if best else None
 
 
-@dataclass(frozen=True)
-class BackingSpec:
+class BackingSpec(Record):
     """A backing the user asked for, before it is created: ``kind`` and its argument."""
 
-    kind: BackingKind
-    arg: str = ""
+    __slots__ = ("kind", "arg")
+    __hash__ = Record.value_hash  # never modified
+
+    def __init__(self, kind: BackingKind, arg: str = ""):
+        self.kind = kind
+        self.arg = arg
 
     @classmethod
     def parse(cls, text: str) -> "BackingSpec":
@@ -532,10 +533,10 @@ class BackingSpec:
 def backing_availability(vm: "VmFd | None" = None) -> dict[str, str]:
     """For ``pyvmm caps``: each backing kind -> "usable" or why not, without allocating guest RAM."""
     out: dict[str, str] = {"anon": "usable", "memfd": "usable", "file:PATH": "usable"}
-    free = _huge_pages_free()
+    free = hostmem.huge_pages()
     out["memfd-hugetlb"] = (
         f"usable ({free} free 2 MiB huge pages)" if free else
-        "no free huge pages (HugePages_Free=0 in /proc/meminfo; echo N > /proc/sys/vm/nr_hugepages)"
+        f"no free 2 MiB huge pages ({hostmem.HUGE_PAGE_POOL}: {hostmem.HUGE_PAGE_HINT.split(' > ')[0]})"
     )
     if vm is None:
         out["guest-memfd"] = "unknown (no VM)"

@@ -12,19 +12,20 @@ from __future__ import annotations
 import bisect
 import ctypes
 import errno
-import logging
+import os
 import threading
-from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 from .. import hostmem
 from ..kvm import uapi
 from ..kvm.errors import ConfigError, GuestMemoryError
 from ..kvm.fd import close_all
 from ..kvm.vm import VmFd
+from ..record import Record
 from .backing import Backing, BackingSpec
+from ..logs import getLogger
 
-log = logging.getLogger("pyvmm.memory")
+log = getLogger("pyvmm.memory")
 
 Window = tuple[int, int, str]  # [start, end) and what is there
 
@@ -44,16 +45,21 @@ def flag_names(flags: int) -> list[str]:
     return [name for bit, name in FLAG_NAMES.items() if flags & bit]
 
 
-@dataclass
-class MemoryRegion:
+class MemoryRegion(Record):
     """One memslot: guest physical range [gpa, gpa+size) backed by ``backing``."""
 
-    gpa: int
-    size: int
-    slot: int
-    flags: int
-    backing: Backing
-    registered: bool = field(default=False, compare=False)
+    __slots__ = ("gpa", "size", "slot", "flags", "backing", "registered")
+
+    def __init__(self, gpa: int, size: int, slot: int, flags: int, backing: Backing, registered: bool = False):
+        self.gpa = gpa
+        self.size = size
+        self.slot = slot
+        self.flags = flags
+        self.backing = backing
+        self.registered = registered
+
+    def _values(self) -> tuple:  # == leaves ``registered`` out
+        return self.gpa, self.size, self.slot, self.flags, self.backing
 
     @property
     def end(self) -> int:
@@ -78,18 +84,23 @@ class MemoryRegion:
         }
 
 
-@dataclass
-class MemoryRules:
+class MemoryRules(Record):
     """What the VM type allows (filled in by the VM from KVM's answers and its type)."""
 
-    max_slots: int = 32764
-    max_gpa: int = 1 << 52
-    readonly_allowed: bool = True
-    log_dirty_allowed: bool = True
-    frozen_after_run: bool = False  # pKVM: no delete/move once a vCPU has run
-    vm_kind: str = "normal"
-    # Where the platform has devices (Arch.device_windows): RAM there would hide them from the guest.
-    device_windows: list[Window] = field(default_factory=list)
+    __slots__ = ("max_slots", "max_gpa", "readonly_allowed", "log_dirty_allowed", "frozen_after_run", "vm_kind",
+                 "device_windows")
+
+    def __init__(self, max_slots: int = 32764, max_gpa: int = 1 << 52, readonly_allowed: bool = True,
+                 log_dirty_allowed: bool = True, frozen_after_run: bool = False, vm_kind: str = "normal",
+                 device_windows: list[Window] | None = None):
+        self.max_slots = max_slots
+        self.max_gpa = max_gpa
+        self.readonly_allowed = readonly_allowed
+        self.log_dirty_allowed = log_dirty_allowed
+        self.frozen_after_run = frozen_after_run  # pKVM: no delete/move once a vCPU has run
+        self.vm_kind = vm_kind
+        # Where the platform has devices (Arch.device_windows): RAM there would hide them from the guest.
+        self.device_windows = [] if device_windows is None else device_windows
 
 
 def check_region(gpa: int, size: int, rules: MemoryRules, taken: Iterable[Window] = (),
@@ -102,7 +113,9 @@ def check_region(gpa: int, size: int, rules: MemoryRules, taken: Iterable[Window
     if gpa < 0:
         raise ConfigError(f"{where}: negative guest address")
     if gpa % alignment or size % alignment:
-        raise ConfigError(f"{where}: guest address and size must be multiples of {alignment:#x}")
+        why = ("the host's page size: KVM_SET_USER_MEMORY_REGION refuses anything else with EINVAL"
+               if alignment == hostmem.PAGE_SIZE else "the backing's page size")
+        raise ConfigError(f"{where}: guest address and size must be multiples of {alignment:#x} ({why})")
     if gpa + size > rules.max_gpa:
         raise ConfigError(f"{where}: ends beyond the guest physical address limit {rules.max_gpa:#x}")
     for start, end, name in rules.device_windows:
@@ -149,7 +162,9 @@ class GuestMemory:
         self.vm = vm
         self.rules = rules or MemoryRules()
         self.regions: list[MemoryRegion] = []  # sorted by gpa
-        self._starts: list[int] = []  # their gpas, for find()
+        # (region starts, regions) for find(), replaced as one tuple whenever self.regions changes: a vCPU thread's
+        # lookup sees the old pair or the new one, never a list of starts that belongs to other regions
+        self._index: tuple[list[int], list[MemoryRegion]] = ([], [])
         self.has_run = False
         # Called before the VMM touches guest memory; may refuse (protected VMs: arch.arm64.pkvm.access_guard).
         self.access_guard: Callable[[int, int, bool], None] | None = None
@@ -199,7 +214,7 @@ class GuestMemory:
             raise
         region.registered = True
         bisect.insort(self.regions, region, key=lambda r: r.gpa)
-        self._starts = [r.gpa for r in self.regions]
+        self._index = ([r.gpa for r in self.regions], list(self.regions))
         return region
 
     def _set_region(self, region: MemoryRegion, size: int) -> None:
@@ -222,13 +237,13 @@ class GuestMemory:
             self._set_region(region, 0)
             region.registered = False
         self.regions.remove(region)
-        self._starts = [r.gpa for r in self.regions]
+        self._index = ([r.gpa for r in self.regions], list(self.regions))
         region.backing.close()
 
     def close(self) -> None:
         """Close every backing (all of them, even if one fails; then the first error is raised).
         Call after the VM fd is closed (KVM drops its slots with the VM)."""
-        regions, self.regions, self._starts = self.regions, [], []
+        regions, self.regions, self._index = self.regions, [], ([], [])
         close_all(r.backing.close for r in regions)
 
     def count_rom_write(self, region: MemoryRegion, gpa: int, size: int) -> None:
@@ -242,9 +257,12 @@ class GuestMemory:
 
     # --- lookup ----------------------------------------------------------
     def find(self, gpa: int) -> MemoryRegion | None:
-        i = bisect.bisect_right(self._starts, gpa) - 1
-        if i >= 0 and self.regions[i].contains(gpa):
-            return self.regions[i]
+        starts, regions = self._index
+        i = bisect.bisect_right(starts, gpa) - 1
+        if i >= 0:
+            region = regions[i]  # the last region starting at or below gpa: contains it, or nothing does
+            if gpa < region.gpa + region.size:  # (region.contains() inlined: once per MMIO exit)
+                return region
         return None
 
     @property
@@ -312,6 +330,25 @@ class GuestMemory:
             return
         buf = (ctypes.c_char * len(data)).from_buffer_copy(data)
         self._io(True, gpa, buf, force)
+
+    FILE_CHUNK = 1 << 20  # write_file's bounce buffer
+
+    def write_file(self, gpa: int, fd: int, offset: int, length: int, what: str = "file") -> None:
+        """Copy ``length`` bytes of ``fd`` from ``offset`` to guest memory at ``gpa``, FILE_CHUNK bytes at a time
+        through write()'s path (the same checks and errors): a kernel or initrd is never held whole in pyvmm's
+        memory.  A file shorter than that is a ConfigError naming ``what``."""
+        buf = (ctypes.c_char * min(length, self.FILE_CHUNK))()
+        view = memoryview(buf).cast("B")
+        done = 0
+        while done < length:
+            take = min(length - done, len(view))
+            got = os.preadv(fd, [view[:take]], offset + done)
+            if got <= 0:
+                raise ConfigError(f"{what}: ends at {offset + done} bytes, short of {offset + length} (it changed "
+                                  "while being loaded)")
+            piece = buf if got == len(view) else (ctypes.c_char * got).from_buffer(buf)
+            self._io(True, gpa + done, piece)
+            done += got
 
     def read_u64(self, gpa: int) -> int:
         return int.from_bytes(self.read(gpa, 8), "little")

@@ -7,6 +7,7 @@ import contextlib
 import os
 import tempfile
 
+from .. import hostmem
 from ..arch import machine_name
 from ..caps import protected_vm_support
 from ..firmware import firmware_path
@@ -60,14 +61,9 @@ def disk_directory() -> str:
 
 
 def huge_pages_available() -> int:
-    """Free 2 MiB huge pages not yet reserved by a mapping (HugePages_Free - HugePages_Rsvd)."""
-    values = {}
-    with open("/proc/meminfo") as f:
-        for line in f:
-            key, _, rest = line.partition(":")
-            if key in ("HugePages_Free", "HugePages_Rsvd"):
-                values[key] = int(rest.split()[0])
-    return values.get("HugePages_Free", 0) - values.get("HugePages_Rsvd", 0)
+    """Free 2 MiB huge pages not yet reserved by a mapping (free_hugepages - resv_hugepages of the 2 MiB pool: with
+    4 KiB pages /proc/meminfo's HugePages_Free - HugePages_Rsvd, but those count the default size's pool)."""
+    return hostmem.huge_pages("free_hugepages") - hostmem.huge_pages("resv_hugepages")
 
 
 def _read_int(path: str) -> int | None:
@@ -156,9 +152,9 @@ class HostFacts:
         if feature is Feature.FREE_HUGE_PAGES:
             have, want = huge_pages_available(), scenario.huge_pages()
             return None if have >= want else (f"{want} free 2 MiB huge pages needed, {have} available (reserve them: "
-                                              "echo N > /proc/sys/vm/nr_hugepages)")
+                                              f"{hostmem.HUGE_PAGE_HINT})")
         if feature is Feature.FIXED_HUGE_PAGE_POOL:
-            surplus = _read_int("/proc/sys/vm/nr_overcommit_hugepages")
+            surplus = _read_int(f"{hostmem.HUGE_PAGE_POOL}/nr_overcommit_hugepages")  # the 2 MiB pool's
             return None if surplus == 0 else (f"the huge page pool can grow (vm.nr_overcommit_hugepages = {surplus}): "
                                               "a mapping takes surplus pages instead of failing")
         if feature is Feature.READONLY_MEM:

@@ -74,7 +74,8 @@ class Slot:
 
 @dataclass(frozen=True)
 class Guest:
-    """A bundled test guest (``firmware/<arch>/build/<name>``; its source is ``firmware/<arch>/<name>.S``)."""
+    """A bundled test guest (``pyvmm.firmware.firmware_path``: an installed pyvmm's ``pyvmm/guests/<arch>/<name>``,
+    a checkout's ``firmware/<arch>/build/<name>``; its source is ``firmware/<arch>/<name>.S``)."""
 
     name: str
     does: str  # what it does, in one sentence

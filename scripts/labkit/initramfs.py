@@ -10,10 +10,11 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 
 from .cache import CACHE, ROOT, digest, read_stamp, run, say, stamp_ok, write_stamp
 from .debian import extract_modules, fetch_debs, load_order, module_release
-from .kernel import MODULES_PACKAGE
+from .kernel import MODULES_PACKAGE, modules_package
 
 USERLAND = [
     "busybox-static", "python3.13-minimal", "libpython3.13-minimal", "libpython3.13-stdlib", "libc6",
@@ -21,8 +22,21 @@ USERLAND = [
     "libsqlite3-0",  # pyroute2 imports sqlite3
 ]
 PYTHON_PACKAGES = ["ioctl-opt", "fdt", "pyroute2", "pytest", "pytest-timeout", "hypothesis"]
-LAB_VERSION = "4"  # bump to force a rebuild of the base image
+LAB_VERSION = "6"  # bump to force a rebuild of the base image
 EXIT_MARK = "PYVMM-LAB-EXIT="
+# Run by the lab's Python under qemu-user: compiles "SOURCE<tab>NAME IN THE LAB<tab>PYC" lines from stdin, hash-checked
+# bytecode (PEP 552) unless its argument is "timestamp"
+PYC_COMPILER = r"""
+import py_compile, sys
+mode = py_compile.PycInvalidationMode.TIMESTAMP if sys.argv[1:] == ["timestamp"] else \
+    py_compile.PycInvalidationMode.CHECKED_HASH
+for line in sys.stdin:
+    src, dfile, cfile = line.rstrip("\n").split("\t")
+    try:
+        py_compile.compile(src, cfile=cfile, dfile=dfile, doraise=True, invalidation_mode=mode)
+    except py_compile.PyCompileError as err:
+        print(err.msg, file=sys.stderr)
+"""
 
 INIT = r"""#!/bin/busybox sh
 /bin/busybox --install -s /bin
@@ -57,7 +71,8 @@ echo "pyvmm-guest: Linux $(/bin/busybox uname -r) reached userspace"
 # none).  Their dependencies (failover, net_failover) are read from the modules' .modinfo and loaded first.
 VIRTIO_MODULES = ["virtio_mmio", "virtio_blk", "virtio_rng", "virtio_net"]
 HOST_MODULES = ["tun"]  # for the lab host itself: /dev/net/tun (virtio-net's TAP)
-VIRTIO_GUEST_PART_VERSION = "2"  # bump when build_virtio_guest() lays out its files differently
+VIRTIO_GUEST_PART_VERSION = "3"  # bump when build_virtio_guest() lays out its files differently
+HOST_MODULES_PART_VERSION = "1"  # bump when build_host_modules() lays out its files differently
 VIRTIO_GUEST_INIT = r"""#!/bin/busybox sh
 /bin/busybox --install -s /bin
 export PATH=/bin
@@ -169,20 +184,49 @@ def build_guest_files(rootfs: str, kernel: str) -> None:
         pack_cpio(tmp, os.path.join(lab, "guest-initrd.cpio"))
 
 
+def lab_python(rootfs: str) -> list[str]:
+    """The lab's arm64 Python 3.13, run here under qemu-user: what compiles its bytecode (this machine's Python is
+    another version, and bytecode is per version, not per architecture)."""
+    return ["qemu-aarch64-static", "-L", rootfs, os.path.join(rootfs, "usr", "bin", "python3.13")]
+
+
 def precompile(rootfs: str, dirs: list[str]) -> None:
+    """Bytecode for the standard library and /opt/pylib: the lab's init sets PYTHONDONTWRITEBYTECODE=1, and dpkg-deb
+    -x and pip --no-compile leave no .pyc, so without this every lab Python compiles what it imports.  Only the
+    CPython test suite and the GUI modules are left out (-x matches a whole path component: unittest and _pytest
+    are compiled)."""
     for d in dirs:
-        subprocess.run(["qemu-aarch64-static", "-L", rootfs, os.path.join(rootfs, "usr/bin/python3.13"),
-                        "-m", "compileall", "-q", "-d", d, "-x", r"(test|idlelib|tkinter|turtledemo)/",
-                        rootfs + d], check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        done = subprocess.run([*lab_python(rootfs), "-m", "compileall", "-q", "-d", d,
+                               "-x", r"/(test|idlelib|tkinter|turtledemo)/", rootfs + d],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        if done.returncode:  # a file that does not compile (a package's Python 2 leftovers): say so, go on
+            say(f"compileall {d}: status {done.returncode}: {done.stdout.strip()[-500:]}")
+    # Debian links a few modules to /etc (sitecustomize.py, which every start imports): absolute links that dangle
+    # here, so compileall skipped them; compile their targets into the link's __pycache__
+    todo = []
+    for d in dirs:
+        for dirpath, _, names in os.walk(rootfs + d):
+            for name in names:
+                link = os.path.join(dirpath, name)
+                if name.endswith(".py") and os.path.islink(link) and os.readlink(link).startswith("/"):
+                    target = rootfs + os.readlink(link)
+                    if os.path.isfile(target):
+                        todo.append(f"{target}\t{link[len(rootfs):]}\t"
+                                    f"{os.path.join(dirpath, '__pycache__', name[:-3] + '.cpython-313.pyc')}\n")
+    if todo:
+        done = subprocess.run([*lab_python(rootfs), "-c", PYC_COMPILER, "timestamp"], input="".join(todo), text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        if done.returncode or done.stderr.strip():
+            say(f"compiling the linked modules failed: {done.stderr.strip()[-500:]}")
 
 
 # --- the virtio guest ----------------------------------------------------------------
 def build_virtio_guest() -> str:
-    """.cache/lab/virtio-guest.cpio: /opt/lab/virtio-initrd.cpio (busybox, Debian's virtio modules for its kernel,
-    VIRTIO_GUEST_INIT) for the lab's tests to boot, and the lab host's own modules (/opt/lab/host-modules)."""
+    """.cache/lab/virtio-guest.cpio: /opt/lab/virtio-initrd.cpio (busybox, Debian's virtio modules for its 4 KiB-page
+    kernel, the tests' Linux guest /opt/lab/Image, and VIRTIO_GUEST_INIT) for the lab's tests to boot."""
     out = os.path.join(CACHE, "virtio-guest.cpio")
     debs = fetch_debs(["busybox-static", MODULES_PACKAGE])
-    key = digest(VIRTIO_GUEST_PART_VERSION, VIRTIO_GUEST_INIT, *VIRTIO_MODULES, *HOST_MODULES,
+    key = digest(VIRTIO_GUEST_PART_VERSION, VIRTIO_GUEST_INIT, *VIRTIO_MODULES,
                  *sorted(os.path.basename(d) for d in debs.values()))
     if stamp_ok(out, key):
         return out
@@ -208,15 +252,33 @@ def build_virtio_guest() -> str:
         write_file(os.path.join(mod_dir, "release"), releases.pop() + "\n")
         write_file(os.path.join(guest, "init"), VIRTIO_GUEST_INIT, 0o755)
         wrapper = os.path.join(tmp, "wrapper")
-        host_modules = os.path.join(wrapper, "opt", "lab", "host-modules")
-        loaded = load_order(extract_modules(debs[MODULES_PACKAGE], HOST_MODULES), HOST_MODULES)
+        os.makedirs(os.path.join(wrapper, "opt", "lab"))
+        pack_cpio(guest, os.path.join(wrapper, "opt", "lab", "virtio-initrd.cpio"))
+        pack_cpio(wrapper, out)
+    say("virtio guest modules, in load order: " + " ".join(name for name, _ in modules))
+    write_stamp(out, key)
+    return out
+
+
+def build_host_modules(pages: str = "4k") -> str:
+    """.cache/lab/host-modules.cpio (host-modules-16k.cpio for the 16 KiB-page host): the lab host's own modules
+    (/opt/lab/host-modules: HOST_MODULES with their dependencies, the load order and the kernel release) from the
+    modules package of the Debian kernel the lab boots with that page size."""
+    package = modules_package(pages)
+    out = os.path.join(CACHE, "host-modules.cpio" if pages == "4k" else f"host-modules-{pages}.cpio")
+    deb = fetch_debs([package])[package]
+    key = digest(HOST_MODULES_PART_VERSION, *HOST_MODULES, os.path.basename(deb))
+    if stamp_ok(out, key):
+        return out
+    with tempfile.TemporaryDirectory() as tmp:
+        host_modules = os.path.join(tmp, "opt", "lab", "host-modules")
+        loaded = load_order(extract_modules(deb, HOST_MODULES), HOST_MODULES)
         for name, ko in loaded:
             write_file(os.path.join(host_modules, name + ".ko"), ko)
         write_file(os.path.join(host_modules, "order"), "".join(name + "\n" for name, _ in loaded))
         write_file(os.path.join(host_modules, "release"), module_release(loaded[0][1]) + "\n")
-        pack_cpio(guest, os.path.join(wrapper, "opt", "lab", "virtio-initrd.cpio"))
-        pack_cpio(wrapper, out)
-    say("virtio guest modules, in load order: " + " ".join(name for name, _ in modules))
+        pack_cpio(tmp, out)
+    say(f"lab host modules from {os.path.basename(deb)}: " + " ".join(name for name, _ in loaded))
     write_stamp(out, key)
     return out
 
@@ -241,6 +303,10 @@ def build_pkvm_guest_part(image: str) -> str:
 def build_firmware() -> None:
     if os.path.exists(os.path.join(ROOT, "firmware", "arm64", "Makefile")):
         run(["make", "-s", "-C", os.path.join(ROOT, "firmware", "arm64")])
+    # the benchmarks' C peer (benchmarks/cvmm.c), static, into firmware/arm64/build (shipped like the guests)
+    if os.path.exists(os.path.join(ROOT, "benchmarks", "Makefile")) and subprocess.run(
+            ["make", "-s", "-C", os.path.join(ROOT, "benchmarks"), "arm64"]).returncode:
+        say("could not build benchmarks/cvmm.c for arm64; the benchmarks that compare with it will stop")
 
 
 def project_files() -> list[str]:
@@ -254,15 +320,61 @@ def project_files() -> list[str]:
 
 
 def build_overlay(command: list[str], tmp: str) -> str:
-    """TMP/overlay.cpio: the project at /work/pyvmm (git's files, tracked or not, and the arm64 guests) and
-    /lab/cmd, the command the init runs."""
+    """TMP/overlay.cpio: the project at /work/pyvmm (git's files, tracked or not, and the arm64 guests, with the
+    bytecode of its Python files) and /lab/cmd, the command the init runs."""
     tree = os.path.join(tmp, "overlay")
     dest = os.path.join(tree, "work", "pyvmm")
-    for rel in project_files():
+    files = project_files()
+    for rel in files:
         target = os.path.join(dest, rel)
         os.makedirs(os.path.dirname(target), exist_ok=True)
         shutil.copy2(os.path.join(ROOT, rel), target)
+    add_bytecode(dest, [rel for rel in files if rel.endswith(".py")])
     write_file(os.path.join(tree, "lab", "cmd"), " ".join(shlex.quote(c) for c in command) + "\n")
     out = os.path.join(tmp, "overlay.cpio")
     pack_cpio(tree, out)
     return out
+
+
+PYC_CACHE = os.path.join(CACHE, "pyc")
+PYC_KEEP_DAYS = 14  # cached bytecode unused this long is removed
+
+
+def add_bytecode(dest: str, sources: list[str]) -> None:
+    """DEST/**/__pycache__/NAME.cpython-313.pyc for each of SOURCES (paths under DEST), so that no Python in the lab
+    compiles pyvmm again (its init sets PYTHONDONTWRITEBYTECODE=1: each of them would, +0.5 s a start under TCG).
+    Hash-checked bytecode (PEP 552): valid for its source's bytes whatever the file's time, so it is cached in
+    .cache/lab/pyc by the source's bytes, its path in the lab (the code's file name) and the base image (the
+    Python); what is not cached is compiled here by the lab's own Python under qemu-user, in one run."""
+    rootfs = os.path.join(CACHE, "rootfs")
+    if not os.path.isfile(os.path.join(rootfs, "usr", "bin", "python3.13")):
+        say("no .cache/lab/rootfs: the project goes in without bytecode (scripts/lab build makes it)")
+        return
+    python_key = read_stamp(os.path.join(CACHE, "base.cpio"))
+    os.makedirs(PYC_CACHE, exist_ok=True)
+    wanted: dict[str, str] = {}  # cached .pyc -> where it goes
+    todo = []
+    for rel in sources:
+        src = os.path.join(dest, rel)
+        with open(src, "rb") as f:
+            cached = os.path.join(PYC_CACHE, digest(python_key, rel, f.read()) + ".pyc")
+        directory, name = os.path.split(src)
+        wanted[cached] = os.path.join(directory, "__pycache__", name[:-3] + ".cpython-313.pyc")
+        if not os.path.exists(cached):
+            todo.append(f"{src}\t/work/pyvmm/{rel}\t{cached}\n")
+    if todo:
+        say(f"compiling {len(todo)} of the project's {len(sources)} Python files for the lab (qemu-user)")
+        done = subprocess.run([*lab_python(rootfs), "-c", PYC_COMPILER], input="".join(todo), text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        if done.returncode or done.stderr.strip():
+            say(f"some files did not compile (they compile in the lab, as before): {done.stderr.strip()[-1000:]}")
+    now = time.time()
+    for cached, target in wanted.items():
+        if os.path.exists(cached):
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            shutil.copyfile(cached, target)
+            os.utime(cached, (now, now))
+    for name in os.listdir(PYC_CACHE):
+        path = os.path.join(PYC_CACHE, name)
+        if path not in wanted and now - os.path.getmtime(path) > PYC_KEEP_DAYS * 86400:
+            os.unlink(path)

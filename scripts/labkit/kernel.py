@@ -19,6 +19,18 @@ from .debian import fetch_debs
 
 KERNEL_PACKAGE = "linux-binary-7.2.13+deb14-arm64"
 MODULES_PACKAGE = KERNEL_PACKAGE.replace("linux-binary-", "linux-modules-")
+# The lab host's page size (scripts/lab --pages): Debian builds the same kernel with 16 KiB pages as the -16k flavour.
+PAGE_SIZES = ("4k", "16k")
+
+
+def kernel_package(pages: str = "4k") -> str:
+    return KERNEL_PACKAGE if pages == "4k" else f"{KERNEL_PACKAGE}-{pages}"
+
+
+def modules_package(pages: str = "4k") -> str:
+    return kernel_package(pages).replace("linux-binary-", "linux-modules-")
+
+
 SOURCE_PACKAGE = "linux-source-7.2"  # arch all: /usr/src/linux-source-7.2.tar.xz
 KERNELS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels")  # NAME.config, NAME/*.patch
 CROSS_COMPILE = "aarch64-linux-gnu-"
@@ -38,10 +50,12 @@ BUILD_TOOLS = {
 }
 
 
-def debian_image() -> str:
-    """.cache/lab/Image: the vmlinuz of Debian sid's arm64 kernel package."""
-    image = os.path.join(CACHE, "Image")
-    deb = fetch_debs([KERNEL_PACKAGE])[KERNEL_PACKAGE]
+def debian_image(pages: str = "4k") -> str:
+    """.cache/lab/Image: the vmlinuz of Debian sid's arm64 kernel package; with PAGES "16k", .cache/lab/Image-16k,
+    that of its 16 KiB-page flavour."""
+    image = os.path.join(CACHE, "Image" if pages == "4k" else f"Image-{pages}")
+    package = kernel_package(pages)
+    deb = fetch_debs([package])[package]
     key = digest(os.path.basename(deb))
     if stamp_ok(image, key):
         return image

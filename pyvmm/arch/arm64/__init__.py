@@ -21,17 +21,15 @@ SYSTEM_RESET2 with ``PSCI_RESET2_PYVMM_EXIT`` (``system_event``).
 
 from __future__ import annotations
 
-from ...hostinfo import kvm_arm_mode
+from ...cmdline import kvm_arm_mode
 from ...kvm import uapi
 from ...kvm import uapi_arm64 as a64
 from ...kvm.errors import ConfigError, KvmError, MissingFeature
 from ...kvm.vcpu import VcpuFd
-from ...loader import EM_AARCH64, is_elf, load_elf, load_flat, read_image
+from ...loader import EM_AARCH64, ImageFile, is_elf, load_elf, load_flat, read_image
 from ...memory.regions import MemoryRules
 from ...outcome import ExitKind, Outcome
-from ...preflight import RuleAnswer, bad_page_map_answer
 from .. import RegisterDump
-from ...virtio import DMA_POOL_ALIGN, DmaPool, VirtioSlot, default_dma_pool
 from . import cpu, fdt, features, gic, layout, linux, pkvm
 
 from pyvmm.devices.debug_exit import DebugExit
@@ -44,15 +42,26 @@ DEFAULT_IPA_BITS = 40
 # 0x7079 is "py".  KVM passes every vendor reset type to the VMM (kvm_psci_1_x_call).
 PSCI_RESET2_PYVMM_EXIT = 0x8000_7079
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING (type checkers take it as true), without importing typing at run time
+if TYPE_CHECKING:  # imported where used: pyvmm check's rules; the virtio machinery (a DMA pool, a device)
+    from ...preflight import RuleAnswer
+    from ...virtio import DmaPool, VirtioSlot
+
 
 def place_dma_pool(ram: int, requested: int | None) -> DmaPool | None:
     """Where the DMA pool goes in a guest of RAM bytes: just below the device tree (the top 2 MiB), its base
     aligned down to DMA_POOL_ALIGN (swiotlb's set_memory_decrypted shares nothing from a base that is not
     granule-aligned).  REQUESTED: the size asked for (0: none), or None for the default (default_dma_pool),
     which is left out when the guest is too small to hold it.  Pure: tests/test_dma_pool.py."""
-    size = default_dma_pool(ram) if requested is None else requested
+    size = requested
+    if size is None:
+        from ...virtio import default_dma_pool  # (the virtio machinery: a VM without a pool never imports it)
+
+        size = default_dma_pool(ram)
     if not size:
         return None
+    from ...virtio import DMA_POOL_ALIGN, DmaPool
+
     dtb_addr = layout.RAM_BASE + ram - (2 << 20)
     gpa = (dtb_addr - size) // DMA_POOL_ALIGN * DMA_POOL_ALIGN
     if gpa < layout.RAM_BASE + layout.MIN_RAM // 2:  # the lowest 2 MiB are the image's
@@ -146,6 +155,8 @@ class Arm64:
             vm.nisv_to_user = "enabled"
 
     def virtio_slot(self, index: int) -> VirtioSlot:
+        from ...virtio import VirtioSlot
+
         if index >= layout.VIRTIO_MAX:
             raise ConfigError(f"at most {layout.VIRTIO_MAX} virtio devices")
         return VirtioSlot(index, layout.VIRTIO_BASE + index * layout.VIRTIO_STRIDE, layout.VIRTIO_SPI_BASE + index)
@@ -201,6 +212,8 @@ class Arm64:
             pkvm.check_memlock(vm)
 
     def predict_first_run(self, vm, slots) -> list[RuleAnswer]:
+        from ...preflight import RuleAnswer, bad_page_map_answer
+
         if vm.protected:
             return pkvm.predict_first_run(vm, slots)
         return [a for a in map(bad_page_map_answer, slots) if a] or [
@@ -241,46 +254,27 @@ class Arm64:
         ram_end = layout.RAM_BASE + ram
         dtb_addr = ram_end - (2 << 20)
         pool = place_dma_pool(ram, vm.dma_pool_size)
-        pool_size = pool.size if pool else 0
         below = pool.gpa if pool else dtb_addr  # what the kernel, initrd or firmware must end below
-        data = read_image(image or firmware_path(self.name, self.default_image))
-        if mode == "auto":
-            mode = "linux" if linux.is_arm64_image(data) else "firmware"
+        with ImageFile(image or firmware_path(self.name, self.default_image)) as kernel:
+            mode, entry, image_end, args, cmdline = self._load_image(vm, kernel, mode, cmdline, console, load_addr,
+                                                                     ram, dtb_addr, pool, below)
         initrd_range = None
-        if mode == "linux" and cmdline is None:
-            cmdline = f"console={'hvc0' if console == 'virtio' else 'ttyS0'} earlycon"
-        if mode == "linux":
-            header = linux.parse_header(data)
-            entry = linux.kernel_load_address(layout.RAM_BASE, header)
-            if entry + header.image_size > below:
-                raise ConfigError(f"kernel needs {header.image_size >> 20} MiB"
-                                  + (f" below the {pool_size >> 10} KiB DMA pool" if pool else "")
-                                  + "; give the guest more memory")
-            load_flat(vm.memory, data, entry, "kernel")
-            image_end = entry + header.image_size
-            args = {0: dtb_addr, 1: 0, 2: 0, 3: 0}
-        else:
-            avoid = [(pool.gpa, pool.end, "the DMA pool")] if pool else []
-            if is_elf(data):
-                img = load_elf(vm.memory, data, avoid=avoid)
-                if img.elf_machine != EM_AARCH64:
-                    raise ConfigError(f"{image}: not an arm64 ELF image (e_machine {img.elf_machine})")
-            else:
-                img = load_flat(vm.memory, data, layout.RAM_BASE if load_addr is None else load_addr, avoid=avoid)
-            entry = img.entry
-            image_end = img.high
-            args = {0: dtb_addr, 1: layout.RAM_BASE, 2: ram, 3: pool.gpa if pool else 0, 4: pool.size if pool else 0}
         if initrd:
-            blob = read_image(initrd, "--initrd")
-            start = place_initrd(len(blob), image_end, below, linux=mode == "linux",
-                                 what=f"initrd {initrd}", limit="the DMA pool" if pool else "the device tree")
-            load_flat(vm.memory, blob, start, "initrd")
-            initrd_range = (start, start + len(blob))
+            with ImageFile(initrd, "--initrd") as blob:
+                start = place_initrd(blob.size, image_end, below, linux=mode == "linux",
+                                     what=f"initrd {initrd}", limit="the DMA pool" if pool else "the device tree")
+                load_flat(vm.memory, blob, start, "initrd")
+                initrd_range = (start, start + blob.size)
         virtio = [(d.slot.base, d.slot.size, d.slot.irq) for d in vm.virtio]
+        dma_pool = None
+        if pool:
+            from ...virtio import DMA_POOL_ALIGN
+
+            dma_pool = (pool.gpa, pool.size, DMA_POOL_ALIGN)
         feats = vm.cpu_features
         dtb = fdt.build(fdt.DeviceTreeConfig(
             layout.RAM_BASE, ram, [cpu.mpidr(v.vcpu_id) for v in vm.vcpus], cmdline or "", initrd_range, virtio,
-            (pool.gpa, pool.size, DMA_POOL_ALIGN) if pool else None,
+            dma_pool,
             pmu_ppi=layout.PMU_PPI if features.CpuFeature.PMU in feats else None,
             its=(layout.GIC_ITS, layout.GIC_ITS_SIZE) if features.CpuFeature.ITS in feats else None))
         if len(dtb) > layout.DTB_MAX:
@@ -291,6 +285,38 @@ class Arm64:
         if pool and vm.protected:  # the guest shares it at boot (swiotlb's set_memory_decrypted: MEM_SHARE)
             vm.memory.declare_shared(pool.gpa, pool.size)
         cpu.enter(vm.vcpus[0], entry, args)
+
+    def _load_image(self, vm, kernel: ImageFile, mode: str, cmdline: str | None, console: str,
+                    load_addr: int | None, ram: int, dtb_addr: int, pool: DmaPool | None, below: int):
+        """boot()'s kernel or firmware: loaded from its file a chunk at a time; returns the mode, the entry point,
+        where the image ends, the entry registers and the command line."""
+        image = kernel.path
+        if mode == "auto":
+            mode = "linux" if linux.is_arm64_image(kernel.head) else "firmware"
+        if mode == "linux" and cmdline is None:
+            cmdline = f"console={'hvc0' if console == 'virtio' else 'ttyS0'} earlycon"
+        if mode == "linux":
+            header = linux.parse_header(kernel.head, kernel.size)
+            entry = linux.kernel_load_address(layout.RAM_BASE, header)
+            if entry + header.image_size > below:
+                raise ConfigError(f"kernel needs {header.image_size >> 20} MiB"
+                                  + (f" below the {pool.size >> 10} KiB DMA pool" if pool else "")
+                                  + "; give the guest more memory")
+            load_flat(vm.memory, kernel, entry, "kernel")
+            image_end = entry + header.image_size
+            args = {0: dtb_addr, 1: 0, 2: 0, 3: 0}
+        else:
+            avoid = [(pool.gpa, pool.end, "the DMA pool")] if pool else []
+            if is_elf(kernel.head):
+                img = load_elf(vm.memory, kernel.read(), avoid=avoid)  # firmware: small, read whole to parse
+                if img.elf_machine != EM_AARCH64:
+                    raise ConfigError(f"{image}: not an arm64 ELF image (e_machine {img.elf_machine})")
+            else:
+                img = load_flat(vm.memory, kernel, layout.RAM_BASE if load_addr is None else load_addr, avoid=avoid)
+            entry = img.entry
+            image_end = img.high
+            args = {0: dtb_addr, 1: layout.RAM_BASE, 2: ram, 3: pool.gpa if pool else 0, 4: pool.size if pool else 0}
+        return mode, entry, image_end, args, cmdline
 
     def system_event(self, vcpu: VcpuFd, event) -> tuple[ExitKind, int | None, str] | None:
         """PSCI SYSTEM_RESET2 with pyvmm's vendor reset type ends the run with the guest's status (x2, the

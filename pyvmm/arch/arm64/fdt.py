@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import fdt
 
+from ...record import Record
 from . import layout
 
 GIC_PHANDLE = 1
@@ -17,17 +16,22 @@ IRQ_LEVEL_HIGH = 4
 IRQ_PPI_ALL_CPUS_LEVEL_LOW = 0xF08
 
 
-@dataclass
-class DeviceTreeConfig:
-    ram_base: int
-    ram_size: int
-    mpidrs: list[int]
-    bootargs: str = ""
-    initrd: tuple[int, int] | None = None  # (start, end)
-    virtio: list[tuple[int, int, int]] = field(default_factory=list)  # (base, size, SPI) per virtio-mmio device
-    dma_pool: tuple[int, int, int] | None = None  # (base, size, alignment): a restricted-dma-pool for every virtio device
-    pmu_ppi: int | None = None  # the PMUv3's overflow interrupt (a PPI), when the vCPUs have a PMU
-    its: tuple[int, int] | None = None  # (base, size) of the GICv3 ITS, when the VM has one
+class DeviceTreeConfig(Record):
+    __slots__ = ("ram_base", "ram_size", "mpidrs", "bootargs", "initrd", "virtio", "dma_pool", "pmu_ppi", "its")
+
+    def __init__(self, ram_base: int, ram_size: int, mpidrs: list[int], bootargs: str = "",
+                 initrd: tuple[int, int] | None = None, virtio: list[tuple[int, int, int]] | None = None,
+                 dma_pool: tuple[int, int, int] | None = None, pmu_ppi: int | None = None,
+                 its: tuple[int, int] | None = None):
+        self.ram_base = ram_base
+        self.ram_size = ram_size
+        self.mpidrs = mpidrs
+        self.bootargs = bootargs
+        self.initrd = initrd  # (start, end)
+        self.virtio = [] if virtio is None else virtio  # (base, size, SPI) per virtio-mmio device
+        self.dma_pool = dma_pool  # (base, size, alignment): a restricted-dma-pool for every virtio device
+        self.pmu_ppi = pmu_ppi  # the PMUv3's overflow interrupt (a PPI), when the vCPUs have a PMU
+        self.its = its  # (base, size) of the GICv3 ITS, when the VM has one
 
 
 def _cells64(value: int) -> list[int]:

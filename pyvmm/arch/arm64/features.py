@@ -15,11 +15,11 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import enum
-from dataclasses import dataclass, field
 
 from ...kvm import uapi
 from ...kvm import uapi_arm64 as a64
 from ...kvm.errors import ConfigError, KvmError, MissingFeature
+from ...record import Record
 from . import layout
 
 
@@ -53,28 +53,35 @@ SVE_MAX_BITS = 2048  # the architecture's largest vector length (KVM's VLS regis
 PMU_INTID = 16 + layout.PMU_PPI  # the PMU's interrupt: PPI 7, INTID 23, as QEMU, kvmtool and crosvm use
 
 
-@dataclass(frozen=True)
-class Offer:
-    offered: bool
-    answer: str  # what KVM answered on the VM's fd, e.g. "KVM_CAP_ARM_PMU_V3 = 0"
+class Offer(Record):
+    __slots__ = ("offered", "answer")
+    __hash__ = Record.value_hash
+
+    def __init__(self, offered: bool, answer: str):
+        self.offered = offered
+        self.answer = answer  # what KVM answered on the VM's fd, e.g. "KVM_CAP_ARM_PMU_V3 = 0"
 
 
-@dataclass
-class FeatureRequest:
+class FeatureRequest(Record):
     """What the user asked for: True on, False off, absent: on when offered.  ``sve_vector_lengths``: bits
     (128, 256, ...), None for every length KVM offers."""
 
-    switches: dict[CpuFeature, bool] = field(default_factory=dict)
-    sve_vector_lengths: list[int] | None = None
+    __slots__ = ("switches", "sve_vector_lengths")
+
+    def __init__(self, switches: dict[CpuFeature, bool] | None = None, sve_vector_lengths: list[int] | None = None):
+        self.switches = {} if switches is None else switches
+        self.sve_vector_lengths = sve_vector_lengths
 
 
-@dataclass
-class FeatureSet:
+class FeatureSet(Record):
     """What a VM got (``vm.cpu_features``), and why each feature is on or off."""
 
-    enabled: set[CpuFeature]
-    why: dict[CpuFeature, str]  # per feature: "on (offered)", "off (--cpu-features sve=off)", "not offered: ..."
-    sve_vector_lengths: list[int] = field(default_factory=list)  # bits, set at vCPU init when SVE is on
+    __slots__ = ("enabled", "why", "sve_vector_lengths")
+
+    def __init__(self, enabled: set[CpuFeature], why: dict[CpuFeature, str], sve_vector_lengths: list[int] | None = None):
+        self.enabled = enabled
+        self.why = why  # per feature: "on (offered)", "off (--cpu-features sve=off)", "not offered: ..."
+        self.sve_vector_lengths = [] if sve_vector_lengths is None else sve_vector_lengths  # bits, set at vCPU init
 
     def __contains__(self, feature: CpuFeature) -> bool:
         return feature in self.enabled

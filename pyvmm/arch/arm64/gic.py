@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from ...kvm import uapi
 from ...kvm import uapi_arm64 as a64

@@ -31,18 +31,20 @@ report's explanation points at the code that decided:
 from __future__ import annotations
 
 import errno as errno_mod
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
 
 from ... import hostmem
-from ...hostinfo import MemlockInfo, kvm_arm_mode
+from ...cmdline import kvm_arm_mode
 from ...kvm import uapi
 from ...kvm.errors import ConfigError, KvmError, MissingFeature, PrivatePageError
 from ...memory.regions import pages
-from ...preflight import RuleAnswer, bad_page_map_answer, pfns_without_pfnmap
+from ...record import Record
 
-if TYPE_CHECKING:
+TYPE_CHECKING = False  # typing.TYPE_CHECKING (type checkers take it as true), without importing typing at run time
+if TYPE_CHECKING:  # hostinfo and preflight are imported where used: pyvmm check, reports, a protected run
+    from ...hostinfo import MemlockInfo
     from ...kvm.system import Kvm
+    from ...preflight import RuleAnswer
     from ...memory.regions import GuestMemory, MemoryRules
     from ...report import FaultReport, SlotInfo
     from ...virtio import DmaPool
@@ -100,16 +102,39 @@ def device_access_cause(pool: "DmaPool | None", access_platform: bool | None) ->
     if access_platform is False:
         return ("the driver did not negotiate VIRTIO_F_ACCESS_PLATFORM, so the guest's virtio ring bypasses the DMA "
                 "API and hands the device private buffers instead of bouncing them through the pool")
+    granule = hostmem.PAGE_SIZE
     return ("the guest kernel does not bounce device memory through the restricted-dma-pool: it lacks "
             "CONFIG_ARM_PKVM_GUEST / CONFIG_DMA_RESTRICTED_POOL (Debian's kernels have neither), or a bare-metal "
             "guest placed its rings and buffers outside the pool"
+            + ("" if granule <= 0x1000 else
+               f", or its pages are smaller than pKVM's sharing granule ({granule >> 10} KiB here: HYP_MEMINFO answers "
+               "the host's page size, and a Linux guest with smaller pages shares nothing, pkvm_init_hyp_services)")
             + ("" if access_platform else " (and the driver has not negotiated VIRTIO_F_ACCESS_PLATFORM yet)"))
+
+
+def timeout_hint() -> str:
+    """What to add to a protected VM's timeout on a host whose pages are larger than 4 KiB: Linux 7.2's pKVM can
+    leave such a guest retrying one access forever, with no exit for the VMM to see.  pkvm_mem_abort hands
+    pkvm_pgtable_stage2_map the fault IPA as HPFAR_EL2 gives it (4 KiB granular; user_mem_abort aligns it down, this
+    path does not), whose check for existing mappings in [IPA, IPA + PAGE_SIZE) then meets the next page's mapping
+    and answers -EAGAIN: a first touch of a page at a non-page-aligned offset after its successor was mapped never
+    completes.  Reproduced by firmware/arm64/pkvm-fault-order.S (tests/test_arm64_pkvm.py); Linux guests meet it
+    early in boot."""
+    if hostmem.PAGE_SIZE <= 0x1000:
+        return ""
+    return (f"; on this {hostmem.PAGE_SIZE >> 10} KiB-page host a protected guest may be stuck in a stage-2 fault "
+            "that pKVM retries forever (Linux 7.2: pkvm_mem_abort maps the fault IPA unaligned, and "
+            "pkvm_pgtable_stage2_map answers -EAGAIN when the next page is already mapped: a first access to a page "
+            "away from its start, after the page above it was mapped, never completes; Linux guests stop so early in "
+            "boot)")
 
 
 # --- before KVM_RUN ---------------------------------------------------------------------
 def check_memlock(vm: "Vm", memlock: MemlockInfo | None = None) -> None:
     """pkvm_mem_abort charges every page the guest touches with account_locked_vm(): without
     CAP_IPC_LOCK the guest's memory must fit in RLIMIT_MEMLOCK or KVM_RUN fails with ENOMEM."""
+    from ...hostinfo import MemlockInfo
+
     ml = memlock or MemlockInfo.read()
     total = vm.memory.total
     if not ml.cap_ipc_lock and ml.rlimit_soft is not None and ml.rlimit_soft < total:
@@ -129,6 +154,9 @@ NISV_REFUSED = ("kvm_pkvm_ext_allowed() hides KVM_CAP_ARM_NISV_TO_USER from prot
 def predict_first_run(vm: "Vm", slots: list["SlotInfo"], memlock: MemlockInfo | None = None) -> list[RuleAnswer]:
     """A protected VM's first KVM_RUN: the RLIMIT_MEMLOCK charge, then each slot's stage-2 fault, RAM (the
     slot the guest starts in) first."""
+    from ...hostinfo import MemlockInfo
+    from ...preflight import RuleAnswer
+
     ml = memlock or MemlockInfo.read()
     try:
         check_memlock(vm, ml)
@@ -148,6 +176,8 @@ def predict_stage2(s: "SlotInfo") -> RuleAnswer:
     """pkvm_mem_abort's answer for a page of slot S, from the host's facts about its mapping (VmFlags from
     /proc/self/smaps, the backing's nature): the order is the kernel's (pin_user_pages, then the swap-backed
     check).  Unknown facts predict success and say so."""
+    from ...preflight import RuleAnswer, bad_page_map_answer
+
     bad_map = bad_page_map_answer(s)
     if bad_map:
         return bad_map
@@ -181,6 +211,8 @@ def _not_swap_backed(s: "SlotInfo") -> bool:
 def infer_faulting_slot(report: "FaultReport") -> tuple[int | None, str | None]:
     """arm64 has no KVM_EXIT_MEMORY_FAULT from pkvm_mem_abort: when exactly one slot fits the rule that
     gives this errno, name it (and say it was inferred)."""
+    from ...preflight import pfns_without_pfnmap
+
     err = report.errno
     if err == errno_mod.EFAULT and not report.forced_pages:
         fits = [s for s in report.slots if _pfn_mapped(s) or pfns_without_pfnmap(s)]
@@ -257,11 +289,13 @@ def fault_causes(report: "FaultReport", candidates: list["SlotInfo"]) -> list[st
     return causes
 
 
-@dataclass
-class ProtectedVmSupport:
-    available: bool
-    abi: str | None  # "upstream" (KVM_VM_TYPE_ARM_PROTECTED) or "android" (KVM_CAP_ARM_PROTECTED_VM)
-    reason: str
+class ProtectedVmSupport(Record):
+    __slots__ = ("available", "abi", "reason")
+
+    def __init__(self, available: bool, abi: str | None, reason: str):
+        self.available = available
+        self.abi = abi  # "upstream" (KVM_VM_TYPE_ARM_PROTECTED) or "android" (KVM_CAP_ARM_PROTECTED_VM)
+        self.reason = reason
 
 
 def protected_vm_support(kvm: "Kvm", arch: str) -> ProtectedVmSupport:

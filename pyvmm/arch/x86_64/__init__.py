@@ -12,14 +12,13 @@ vCPUs, RSP = a private stack below 0x80000.  Linux gets all of it in its E820 ma
 
 from __future__ import annotations
 
+
 from ...kvm import uapi
 from ...kvm.errors import ConfigError
 from ...kvm.vcpu import VcpuFd
-from ...loader import EM_X86_64, is_elf, load_elf, load_flat, read_image
+from ...loader import EM_X86_64, ImageFile, is_elf, load_elf, load_flat
 from ...memory.regions import MemoryRules
 from ...outcome import ExitKind, Outcome
-from ...preflight import RuleAnswer, bad_page_map_answer
-from ...virtio import VirtioSlot
 from .. import RegisterDump
 from . import cpu, layout, linux
 
@@ -29,6 +28,11 @@ from pyvmm.devices.testdev import SIZE as TESTDEV_SIZE
 from pyvmm.devices.testdev import PORT_SIZE as PORT_TEST_SIZE
 from pyvmm.devices.testdev import MmioTestDevice, PortTestDevice
 from pyvmm.devices.uart16550 import Uart16550
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING (type checkers take it as true), without importing typing at run time
+if TYPE_CHECKING:  # imported where used: pyvmm check's rules, and the virtio machinery
+    from ...preflight import RuleAnswer
+    from ...virtio import VirtioSlot
 
 BOOT_MODES = ("auto", "real", "long", "linux")
 
@@ -125,10 +129,15 @@ class X86_64:
         if not vm.vcpus:
             raise ConfigError("create the vCPUs before booting")
         ranges = self._ram_ranges(vm)
+        with ImageFile(image or firmware_path(self.name, self.default_image)) as kernel:
+            self._load(vm, kernel, ranges, mode, cmdline, initrd, load_addr, console)
+
+    def _load(self, vm, kernel: ImageFile, ranges: list[tuple[int, int]], mode: str, cmdline: str | None,
+              initrd: str | None, load_addr: int | None, console: str) -> None:
+        image = kernel.path
         ram = ranges[0][1]  # what firmware gets in rdi: RAM below the hole, all of it identity-mapped (cpu.py)
-        data = read_image(image or firmware_path(self.name, self.default_image))
         if mode == "auto":
-            mode = "linux" if linux.is_bzimage(data) else "long" if is_elf(data) else "real"
+            mode = "linux" if linux.is_bzimage(kernel.head) else "long" if is_elf(kernel.head) else "real"
         if mode != "linux":
             for what, value in (("--cmdline", cmdline), ("--initrd", initrd)):
                 if value is not None:
@@ -138,12 +147,12 @@ class X86_64:
             cmdline = "console=hvc0 earlycon" if console == "virtio" else "console=ttyS0"
         nvcpus = len(vm.vcpus)
         if mode == "real":
-            if is_elf(data):
+            if is_elf(kernel.head):
                 raise ConfigError("real mode takes a flat binary, not an ELF file")
             addr = layout.REAL_MODE_DEFAULT_LOAD if load_addr is None else load_addr
-            if addr % 16 or addr + len(data) > 0xA0000:
+            if addr % 16 or addr + kernel.size > 0xA0000:
                 raise ConfigError(f"real-mode load address {addr:#x} must be 16-byte aligned and the image must end below 0xa0000")
-            load_flat(vm.memory, data, addr, "real-mode image")
+            load_flat(vm.memory, kernel, addr, "real-mode image")
             for vcpu in vm.vcpus:
                 cpu.enter_real_mode(vcpu, addr, addr, 0x7000 - vcpu.vcpu_id * 0x100,
                                     dict(rdi=ram, rsi=vcpu.vcpu_id, rdx=nvcpus))
@@ -151,18 +160,22 @@ class X86_64:
         if mode == "linux":
             if nvcpus != 1:
                 raise ConfigError("Linux boot on x86_64 supports one vCPU (no in-kernel irqchip or MP tables yet)")
-            initrd_data = read_image(initrd, "--initrd") if initrd else None
-            cpu.write_boot_tables(vm.memory)
-            boot = linux.load_bzimage(vm.memory, ranges, data, cmdline, initrd_data)
+            initrd_file = ImageFile(initrd, "--initrd") if initrd else None
+            try:
+                cpu.write_boot_tables(vm.memory)
+                boot = linux.load_bzimage(vm.memory, ranges, kernel, cmdline, initrd_file)
+            finally:
+                if initrd_file is not None:
+                    initrd_file.close()
             cpu.enter_long_mode(vm.vcpus[0], boot.entry, layout.STACK_TOP, dict(rsi=boot.boot_params))
             return
         reserved = layout.reserved_ranges(nvcpus)
-        if is_elf(data):
-            img = load_elf(vm.memory, data, avoid=reserved)
+        if is_elf(kernel.head):
+            img = load_elf(vm.memory, kernel.read(), avoid=reserved)  # firmware: small, read whole to parse
             if img.elf_machine != EM_X86_64 or img.elf_class != 2:
                 raise ConfigError(f"{image}: not an x86_64 ELF64 image (e_machine {img.elf_machine})")
         else:
-            img = load_flat(vm.memory, data, layout.KERNEL_LOAD if load_addr is None else load_addr, avoid=reserved)
+            img = load_flat(vm.memory, kernel, layout.KERNEL_LOAD if load_addr is None else load_addr, avoid=reserved)
         cpu.write_boot_tables(vm.memory)  # after the image: a load that would overlap them was refused
         for vcpu in vm.vcpus:
             cpu.enter_long_mode(vcpu, img.entry, layout.STACK_TOP - vcpu.vcpu_id * layout.STACK_SIZE,
@@ -172,6 +185,8 @@ class X86_64:
         return None
 
     def virtio_slot(self, index: int) -> VirtioSlot:
+        from ...virtio import VirtioSlot
+
         if index >= layout.VIRTIO_MAX:
             raise ConfigError(f"at most {layout.VIRTIO_MAX} virtio devices")
         return VirtioSlot(index, layout.VIRTIO_BASE + index * layout.VIRTIO_STRIDE, None)
@@ -183,6 +198,8 @@ class X86_64:
         pass
 
     def predict_first_run(self, vm, slots) -> list[RuleAnswer]:
+        from ...preflight import RuleAnswer, bad_page_map_answer
+
         return [a for a in map(bad_page_map_answer, slots) if a] or [
             RuleAnswer(None, "an x86 VM's EPT faults are resolved by KVM without long-term pinning: every "
                              "backing runs")]

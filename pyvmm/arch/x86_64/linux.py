@@ -10,10 +10,11 @@ pointing at the zero page.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 
 from ...kvm.errors import ConfigError
+from ...loader import ImageFile
 from ...memory.regions import GuestMemory
+from ...record import Record
 from . import layout
 
 HDR_OFFSET = 0x1F1
@@ -48,13 +49,17 @@ XLF_KERNEL_64 = 0x01
 MIN_VERSION = 0x20C  # 64-bit entry point and xloadflags
 
 
-@dataclass(frozen=True)
-class LinuxBoot:
-    entry: int
-    boot_params: int
-    kernel_addr: int
-    kernel_size: int
-    initrd: tuple[int, int] | None
+class LinuxBoot(Record):
+    __slots__ = ("entry", "boot_params", "kernel_addr", "kernel_size", "initrd")
+    __hash__ = Record.value_hash
+
+    def __init__(self, entry: int, boot_params: int, kernel_addr: int, kernel_size: int,
+                 initrd: tuple[int, int] | None):
+        self.entry = entry
+        self.boot_params = boot_params
+        self.kernel_addr = kernel_addr
+        self.kernel_size = kernel_size
+        self.initrd = initrd
 
 
 def is_bzimage(data: bytes) -> bool:
@@ -69,10 +74,12 @@ def e820_map(ram: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
             + [(start, end - start, E820_RAM) for start, end in rest])
 
 
-def load_bzimage(memory: GuestMemory, ram: list[tuple[int, int]], data: bytes, cmdline: str,
-                 initrd: bytes | None = None) -> LinuxBoot:
-    """``ram``: the guest's RAM ranges [start, end), the first from 0 (the kernel and initrd go there)."""
+def load_bzimage(memory: GuestMemory, ram: list[tuple[int, int]], image: ImageFile, cmdline: str,
+                 initrd: ImageFile | None = None) -> LinuxBoot:
+    """``ram``: the guest's RAM ranges [start, end), the first from 0 (the kernel and initrd go there).  The kernel
+    and the initrd are copied from their files into guest memory a chunk at a time (``ImageFile.load``)."""
     ram_size = ram[0][1]
+    data = image.head  # the setup header (the boot sector and its first fields: well inside ImageFile.HEAD)
     if not is_bzimage(data):
         raise ConfigError("kernel image: no 'HdrS' setup header (not a bzImage)")
     (version,) = struct.unpack_from("<H", data, VERSION)
@@ -82,15 +89,16 @@ def load_bzimage(memory: GuestMemory, ram: list[tuple[int, int]], data: bytes, c
         raise ConfigError("kernel image: has no 64-bit entry point (XLF_KERNEL_64)")
     setup_sects = data[SETUP_SECTS] or 4
     setup_size = (setup_sects + 1) * 512
-    kernel = data[setup_size:]
+    kernel_size = max(image.size - setup_size, 0)  # the protected-mode kernel, after the setup sectors
     (init_size,) = struct.unpack_from("<I", data, INIT_SIZE)
     (pref_address,) = struct.unpack_from("<Q", data, PREF_ADDRESS)
     relocatable = data[RELOCATABLE_KERNEL]
     kernel_addr = pref_address if relocatable and pref_address else layout.KERNEL_LOAD
-    if kernel_addr + max(init_size, len(kernel)) > ram_size:
+    if kernel_addr + max(init_size, kernel_size) > ram_size:
         raise ConfigError(f"kernel needs {(kernel_addr + init_size) >> 20} MiB of RAM at least; "
                           f"the guest has {ram_size >> 20} MiB")
-    memory.write(kernel_addr, kernel)
+    if kernel_size:
+        image.load(memory, kernel_addr, offset=setup_size)
 
     cmd = cmdline.encode() + b"\0"
     (cmdline_size,) = struct.unpack_from("<I", data, CMDLINE_SIZE)
@@ -110,16 +118,16 @@ def load_bzimage(memory: GuestMemory, ram: list[tuple[int, int]], data: bytes, c
     if initrd:
         (initrd_max,) = struct.unpack_from("<I", data, INITRD_ADDR_MAX)
         top = min(ram_size, initrd_max + 1)
-        addr = (top - len(initrd)) & ~0xFFF
+        addr = (top - initrd.size) & ~0xFFF
         if addr < kernel_addr + init_size:
-            raise ConfigError(f"initrd of {len(initrd)} bytes does not fit in guest RAM above the kernel")
-        memory.write(addr, initrd)
-        struct.pack_into("<II", params, RAMDISK_IMAGE, addr, len(initrd))
-        initrd_at = (addr, len(initrd))
+            raise ConfigError(f"initrd of {initrd.size} bytes does not fit in guest RAM above the kernel")
+        initrd.load(memory, addr)
+        struct.pack_into("<II", params, RAMDISK_IMAGE, addr, initrd.size)
+        initrd_at = (addr, initrd.size)
     e820 = e820_map(ram)
     for i, (addr, size, kind) in enumerate(e820):
         struct.pack_into("<QQI", params, BP_E820_TABLE + i * 20, addr, size, kind)
     params[BP_E820_ENTRIES] = len(e820)
     memory.write(layout.BOOT_PARAMS_ADDR, bytes(params))
     return LinuxBoot(entry=kernel_addr + 0x200, boot_params=layout.BOOT_PARAMS_ADDR,
-                     kernel_addr=kernel_addr, kernel_size=len(kernel), initrd=initrd_at)
+                     kernel_addr=kernel_addr, kernel_size=kernel_size, initrd=initrd_at)
