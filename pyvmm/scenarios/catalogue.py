@@ -112,7 +112,7 @@ PKVM_HUGETLB = protected_memtouch(
     explanation=(
         "A memfd of 2 MiB huge pages (MFD_HUGETLB). pin_user_pages pins hugetlb pages, but hugetlbfs folios are "
         "never swap-backed, so pkvm_mem_abort refuses them with -EIO and KVM_RUN fails with EIO. The same slot runs "
-        "on a normal VM. Needs 4 free huge pages (echo 8 > /proc/sys/vm/nr_hugepages)."),
+        "on a normal VM. Needs 4 free 2 MiB huge pages (echo 8 > /sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages)."),
 )
 
 PKVM_HOST_READ = Scenario(
@@ -302,9 +302,10 @@ HUGETLB_EXHAUSTED = Scenario(
     explanation=(
         "A hugetlb memfd takes its huge pages when it is mapped, not when they are touched: mmap(MAP_SHARED) "
         "reserves them (hugetlb_reserve_pages -> hugetlb_acct_memory), which fails with -ENOMEM when the pool "
-        "(vm.nr_hugepages) has fewer free pages than the mapping and cannot grow (vm.nr_overcommit_hugepages = 0). "
+        "(the 2 MiB pool's nr_hugepages) has fewer free pages than the mapping and cannot grow (its "
+        "nr_overcommit_hugepages = 0). "
         "So the failure comes before KVM sees a memslot: pyvmm's memfd-hugetlb backing reports the failed mmap with "
-        "HugePages_Free, and the direct mmap fails with ENOMEM. Without the reservation (MAP_NORESERVE) the failure "
+        "the pool's free count, and the direct mmap fails with ENOMEM. Without the reservation (MAP_NORESERVE) the failure "
         "would come on the guest's first touch of a missing page instead: SIGBUS in the host, EFAULT from KVM_RUN."),
 )
 

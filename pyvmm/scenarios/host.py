@@ -155,7 +155,7 @@ class HostFacts:
                                               f"{hostmem.HUGE_PAGE_HINT})")
         if feature is Feature.FIXED_HUGE_PAGE_POOL:
             surplus = _read_int(f"{hostmem.HUGE_PAGE_POOL}/nr_overcommit_hugepages")  # the 2 MiB pool's
-            return None if surplus == 0 else (f"the huge page pool can grow (vm.nr_overcommit_hugepages = {surplus}): "
+            return None if surplus == 0 else (f"the 2 MiB huge page pool can grow (nr_overcommit_hugepages = {surplus}): "
                                               "a mapping takes surplus pages instead of failing")
         if feature is Feature.READONLY_MEM:
             return None if readonly else "this KVM has no READONLY memslots (KVM_CAP_READONLY_MEM)"

@@ -191,7 +191,7 @@ class Feature(enum.Enum):
     GUEST_MEMFD = "guest_memfd (KVM_CAP_GUEST_MEMFD)"
     HUGETLBFS = "hugetlbfs (CONFIG_HUGETLBFS)"
     FREE_HUGE_PAGES = "enough free 2 MiB huge pages for the hugetlb slots"
-    FIXED_HUGE_PAGE_POOL = "a huge page pool that cannot grow (vm.nr_overcommit_hugepages = 0)"
+    FIXED_HUGE_PAGE_POOL = "a 2 MiB huge page pool that cannot grow (its nr_overcommit_hugepages = 0)"
     DISK_DIRECTORY = "a directory on a disk filesystem (page cache, not tmpfs)"
     READONLY_MEM = "READONLY memslots (KVM_CAP_READONLY_MEM)"
     WITHOUT_CAP_IPC_LOCK = "a way to run without CAP_IPC_LOCK (root, to become another user; or no CAP_IPC_LOCK)"

@@ -109,7 +109,7 @@ class ExhaustHugetlbPool(Step):
     needs = (Feature.HUGETLBFS, Feature.FIXED_HUGE_PAGE_POOL)
 
     def describe(self) -> str:
-        return ("map (HugePages_Free - HugePages_Rsvd + 1) x 2 MiB of memfd-hugetlb at the RAM base: through pyvmm, "
+        return ("map (free - reserved + 1) x 2 MiB of memfd-hugetlb from the 2 MiB pool at the RAM base: through pyvmm, "
                 "then with memfd_create(MFD_HUGETLB) + ftruncate + mmap(MAP_SHARED)")
 
     def apply(self, ctx: RunContext) -> Answer:
